@@ -1,0 +1,1 @@
+"""Storage (local and S3), configuration, tracking and logging."""

@@ -1,0 +1,1 @@
+"""The `sonosynth` command line, recipe loading and orchestration of the stages."""

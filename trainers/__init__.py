@@ -1,0 +1,1 @@
+"""Model builders and the distributed training engine (Ray Train + DeepSpeed)."""
