@@ -1,0 +1,210 @@
+"""Stream sonosynth datasets (local or S3) into torch, and mix several by count or ratio.
+
+``DatasetReader`` is a torch ``IterableDataset``: shards are divided among ranks
+(``torch.distributed``) and DataLoader workers, streamed through the storage layer (no
+local copy), optionally shuffled (shard order plus a sample buffer, reseeded per epoch by
+``set_epoch``), filtered by split or by key, and decoded to tensors. ``mix`` combines
+readers: ``counts`` takes exactly that many samples from each dataset (a seeded choice
+from its manifest, e.g. 20 real + 495 synthetic), ``ratios`` draws from each with those
+probabilities until the first is exhausted.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import IterableDataset, get_worker_info
+
+from sonosynth.datasets.manifest import read_manifest
+from sonosynth.datasets.records import Sample
+from sonosynth.datasets.shards import SHARDS_DIR
+from sonosynth.infra.config import Config
+from sonosynth.infra.storage import StorageConfig, StorageError, open_storage
+
+
+def to_tensors(sample: Sample) -> dict[str, Any]:
+    """{key, image: uint8 [1,H,W], mask: uint8 [1,H,W] or None, meta}."""
+    return {
+        "key": sample.key,
+        "image": torch.from_numpy(np.array(sample.image, copy=True))[None],
+        "mask": torch.from_numpy(np.array(sample.mask, copy=True))[None] if sample.mask is not None else None,
+        "meta": sample.meta,
+    }
+
+
+def collate_list(batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Keep a batch as a list (samples differ in size until a transform resizes them)."""
+    return batch
+
+
+def _rank_and_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+class DatasetReader(IterableDataset):
+    def __init__(
+        self,
+        uri: str,
+        *,
+        split: str | None = None,
+        keys: Sequence[str] | None = None,
+        shuffle_buffer: int = 0,
+        seed: int = 0,
+        transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+        storage: StorageConfig | None = None,
+    ):
+        self.uri = uri
+        self.split = split
+        self.keys = set(keys) if keys is not None else None
+        self.shuffle_buffer = shuffle_buffer
+        self.seed = seed
+        self.epoch = 0
+        self.transform = transform
+        self.storage_config = storage or StorageConfig()
+        self.shards = self._find_shards()
+
+    def _find_shards(self) -> list[str]:
+        storage = open_storage(self.uri, self.storage_config)
+        if self.keys is not None or self.split is not None:
+            table = read_manifest(storage).to_pydict()
+            wanted = {s for k, s, sp in zip(table["key"], table["shard"], table["split"])
+                      if (self.keys is None or k in self.keys)
+                      and (self.split is None or sp == self.split)}
+            return sorted(wanted)
+        shards = [k for k in storage.list(f"{SHARDS_DIR}/") if k.endswith(".tar")]
+        if not shards:
+            raise StorageError(f"{storage.uri} has no {SHARDS_DIR}/*.tar: is it a sonosynth dataset?")
+        return shards
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        """Samples this reader yields in one pass over all ranks and workers (from the manifest)."""
+        table = read_manifest(open_storage(self.uri, self.storage_config)).to_pydict()
+        return sum(1 for k, sp in zip(table["key"], table["split"])
+                   if (self.keys is None or k in self.keys) and (self.split is None or sp == self.split))
+
+    def _my_shards(self) -> list[str]:
+        shards = list(self.shards)
+        if self.shuffle_buffer:
+            random.Random(f"{self.seed}:{self.epoch}").shuffle(shards)
+        rank, world = _rank_and_world()
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        return shards[rank * workers + worker::world * workers]
+
+    def records(self) -> Iterator[dict[str, Any]]:
+        """Raw WebDataset records (bytes per extension) of this worker's shards."""
+        storage = open_storage(self.uri, self.storage_config)
+        for shard in self._my_shards():
+            stream = storage.open_read(shard)
+            try:
+                files = wds.tariterators.tar_file_expander([{"url": storage.url(shard), "stream": stream}])
+                yield from wds.tariterators.group_by_keys(files)
+            finally:
+                stream.close()
+
+    def samples(self) -> Iterator[Sample]:
+        for record in self.records():
+            if self.keys is not None and record["__key__"] not in self.keys:
+                continue
+            sample = Sample.from_wds(record)
+            if self.split is not None and sample.meta.get("split") != self.split:
+                continue
+            yield sample
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        stream: Iterator[Sample] = self.samples()
+        if self.shuffle_buffer > 1:
+            stream = _buffer_shuffle(stream, self.shuffle_buffer, random.Random(f"{self.seed}:{self.epoch}:b"))
+        for sample in stream:
+            item = to_tensors(sample)
+            yield self.transform(item) if self.transform else item
+
+
+def _buffer_shuffle(items: Iterator[Any], size: int, rng: random.Random) -> Iterator[Any]:
+    buf: list[Any] = []
+    for item in items:
+        if len(buf) < size:
+            buf.append(item)
+            continue
+        i = rng.randrange(size)
+        buf[i], item = item, buf[i]
+        yield item
+    rng.shuffle(buf)
+    yield from buf
+
+
+class DataSource(Config):
+    """One dataset in a training mix."""
+
+    uri: str
+    """Dataset folder or s3:// prefix (written by ingest or generate)."""
+    split: str | None = "train"
+    """Only samples of this split (null for all)."""
+    count: int | None = None
+    """Take exactly this many samples (seeded choice from the manifest)."""
+    ratio: float | None = None
+    """Draw from this dataset with this relative weight."""
+
+
+class MixedReader(IterableDataset):
+    """Interleaves readers: each next sample comes from reader i with probability w_i."""
+
+    def __init__(self, readers: list[DatasetReader], weights: list[float], seed: int = 0,
+                 stop: str = "all"):
+        if len(readers) != len(weights) or not readers:
+            raise ValueError("mix needs one weight per dataset")
+        self.readers, self.weights, self.seed, self.stop, self.epoch = readers, weights, seed, stop, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        for r in self.readers:
+            r.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        rng = random.Random(f"{self.seed}:{self.epoch}:{info.id if info else 0}")
+        live = [(iter(r), w) for r, w in zip(self.readers, self.weights)]
+        while live:
+            i = rng.choices(range(len(live)), weights=[w for _, w in live])[0]
+            try:
+                yield next(live[i][0])
+            except StopIteration:
+                if self.stop == "first":
+                    return
+                live.pop(i)
+
+
+def mix(sources: list[DataSource], *, shuffle_buffer: int = 256, seed: int = 0,
+        transform=None, storage: StorageConfig | None = None) -> IterableDataset:
+    """One stream from several datasets: all with ``count`` or all with ``ratio``."""
+    by_count = [s.count is not None for s in sources]
+    by_ratio = [s.ratio is not None for s in sources]
+    if not (all(by_count) or all(by_ratio)):
+        raise ValueError("give every data source a count, or every data source a ratio "
+                         "(e.g. real count 20 + synthetic count 495)")
+    readers, weights = [], []
+    for i, src in enumerate(sources):
+        keys = None
+        if src.count is not None:
+            table = read_manifest(open_storage(src.uri, storage)).to_pydict()
+            pool = sorted(k for k, sp in zip(table["key"], table["split"])
+                          if src.split is None or sp == src.split)
+            if src.count > len(pool):
+                raise ValueError(f"{src.uri} has {len(pool)} samples in split {src.split!r}; "
+                                 f"count {src.count} asks for more. Lower the count.")
+            keys = random.Random(f"{seed}:{i}").sample(pool, src.count)
+        readers.append(DatasetReader(src.uri, split=src.split, keys=keys, shuffle_buffer=shuffle_buffer,
+                                     seed=seed + i, transform=transform, storage=storage))
+        weights.append(float(src.count if src.count is not None else src.ratio))
+    if len(readers) == 1:
+        return readers[0]
+    return MixedReader(readers, weights, seed, stop="all" if all(by_count) else "first")
