@@ -1,0 +1,40 @@
+"""A contact sheet of samples with their masks drawn over them, for people to look at."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import numpy as np
+from PIL import Image, ImageDraw
+from scipy import ndimage
+
+from sonosynth.datasets.records import Sample
+
+
+def overlay(sample: Sample, size: int = 160) -> np.ndarray:
+    """RGB tile: the image, the mask's edge in red, its area tinted, the key in the corner."""
+    rgb = np.repeat(sample.image[..., None], 3, axis=2).astype(np.float32)
+    if sample.mask is not None:
+        inside = sample.mask > 127
+        rgb[inside] = 0.75 * rgb[inside] + 0.25 * np.array([40, 120, 255])
+        edge = inside & ~ndimage.binary_erosion(inside, iterations=max(1, sample.image.shape[0] // 150))
+        rgb[edge] = [255, 40, 40]
+    tile = Image.fromarray(rgb.astype(np.uint8))
+    tile.thumbnail((size, size))
+    canvas = Image.new("RGB", (size, size))
+    canvas.paste(tile, ((size - tile.width) // 2, (size - tile.height) // 2))
+    label = f"{sample.meta.get('plane') or ''} {sample.meta.get('split') or ''}".strip()
+    ImageDraw.Draw(canvas).text((3, 2), label, fill=(255, 255, 0))
+    return np.asarray(canvas)
+
+
+def contact_sheet(samples: Iterable[Sample], cols: int = 8, size: int = 160) -> Image.Image:
+    tiles = [overlay(s, size) for s in samples]
+    if not tiles:
+        raise ValueError("no samples to show")
+    rows = -(-len(tiles) // cols)
+    sheet = np.zeros((rows * size, min(cols, len(tiles)) * size, 3), np.uint8)
+    for i, tile in enumerate(tiles):
+        r, c = divmod(i, cols)
+        sheet[r * size:(r + 1) * size, c * size:(c + 1) * size] = tile
+    return Image.fromarray(sheet)

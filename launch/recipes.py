@@ -1,0 +1,51 @@
+"""Recipes: YAML files that fill a stage config, found by path or by name in configs/."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterable, TypeVar
+
+from sonosynth.infra.config import Config, ConfigError, apply_overrides, build, load_yaml, merge
+
+C = TypeVar("C", bound=Config)
+REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def find_recipe(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    for folder in (Path.cwd() / "configs", REPO_CONFIGS):
+        for candidate in (folder / name_or_path, folder / f"{name_or_path}.yaml"):
+            if candidate.is_file():
+                return candidate
+    known = sorted(p.stem for p in REPO_CONFIGS.glob("*.yaml")) if REPO_CONFIGS.is_dir() else []
+    raise ConfigError(f"no recipe {name_or_path!r}: pass a YAML path or one of {', '.join(known) or '(none)'}")
+
+
+def prune(tree: dict[str, Any]) -> dict[str, Any]:
+    """Drop unset (None) flags at every depth, and sections left empty."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            value = prune(value)
+            if value:
+                out[key] = value
+        elif value is not None:
+            out[key] = value
+    return out
+
+
+def resolve(cls: type[C], recipe: str | None, flags: dict[str, Any], overrides: Iterable[str]) -> C:
+    """defaults < recipe < command-line flags < --set overrides."""
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if recipe:
+        path = find_recipe(recipe)
+        data, source = load_yaml(path), str(path)
+    data = merge(data, prune(flags))
+    overrides = list(overrides)
+    if overrides:
+        data = apply_overrides(data, overrides)
+        source += " + --set " + " ".join(overrides)
+    return build(cls, data, source)
