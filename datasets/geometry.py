@@ -125,7 +125,10 @@ def boundary_xy(binary: np.ndarray) -> np.ndarray:
 def fit_ellipse(xy: np.ndarray) -> Ellipse | None:
     if len(xy) < 5:
         return None
-    model = EllipseModel.from_estimate(xy)
+    try:
+        model = EllipseModel.from_estimate(xy)
+    except (ValueError, TypeError, np.linalg.LinAlgError):  # degenerate input, e.g. a line
+        return None
     if not model:
         return None
     (cx, cy), (a, b), theta = model.center, model.axis_lengths, model.theta
@@ -159,12 +162,15 @@ def _coverage(e: Ellipse, binary: np.ndarray, tol_px: float = 3.0) -> tuple[floa
     return float(covered.mean()), float(in_len)
 
 
-def fill_mask(mask: np.ndarray, method: FillMethod = "ellipse", threshold: int = 127,
-              min_pixels: int = 20) -> tuple[np.ndarray, MaskFigures]:
+def fill_mask(mask: np.ndarray, fill: FillMethod = "ellipse", threshold: int = 127,
+              min_pixels: int = 20, max_rel_rmse: float = 0.15, min_coverage: float = 0.5,
+              min_axis_ratio: float = 0.2) -> tuple[np.ndarray, MaskFigures]:
     """Filled 0/255 uint8 head mask from an outline (or filled) annotation.
 
     Raises MaskError("empty_mask") when nothing is drawn and MaskError("mask_not_ellipse")
-    when method="ellipse" and no ellipse fits the drawing.
+    when method="ellipse" and the drawing is not ellipse-like: no fit, boundary pixels
+    further than ``max_rel_rmse`` x the minor semi-axis from it (RMS), less than
+    ``min_coverage`` of its in-image perimeter drawn, or minor/major below ``min_axis_ratio``.
     """
     binary = binarize(mask, threshold)
     h, w = binary.shape
@@ -176,13 +182,19 @@ def fill_mask(mask: np.ndarray, method: FillMethod = "ellipse", threshold: int =
     ellipse = None
     rmse, coverage = float("nan"), float("nan")
     was_outline = bool(binary.sum() < 0.5 * holes_filled.sum()) if holes_filled.any() else True
-    if method == "ellipse":
+    if fill == "ellipse":
         xy = boundary_xy(binary)
         ellipse = fit_ellipse(xy)
         if ellipse is None:
             raise MaskError("mask_not_ellipse", "no ellipse fits the mask's outline pixels")
         rmse = _residual_rmse(ellipse, xy)
         coverage, in_len = _coverage(ellipse, binary)
+        minor, major = sorted((ellipse.a, ellipse.b))
+        if minor / major < min_axis_ratio or rmse > max_rel_rmse * minor or coverage < min_coverage:
+            raise MaskError("mask_not_ellipse", (
+                f"mask is not ellipse-like: fit RMS error {rmse:.1f}px (limit "
+                f"{max_rel_rmse * minor:.1f}), outline covers {coverage:.0%} of the ellipse "
+                f"(need {min_coverage:.0%}), axis ratio {minor / major:.2f} (need {min_axis_ratio})"))
         fitted = ellipse.inside(binary.shape)
         was_outline = bool(binary.sum() < 0.5 * max(fitted.sum(), 1))
         grow = 0.0
@@ -193,7 +205,7 @@ def fill_mask(mask: np.ndarray, method: FillMethod = "ellipse", threshold: int =
         filled = ndimage.binary_fill_holes(fitted | binary)
         if not fitted.any():
             raise MaskError("mask_not_ellipse", "the fitted ellipse lies outside the image")
-    elif method == "holes":
+    elif fill == "holes":
         filled = holes_filled
     else:
         filled = binary

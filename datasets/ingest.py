@@ -48,6 +48,12 @@ class MaskConfig(Config):
     """Mask pixels above this value are foreground."""
     min_pixels: int = 20
     """Masks with fewer foreground pixels are quarantined as empty_mask."""
+    max_rel_rmse: float = 0.15
+    """Ellipse fill: quarantine when the outline's RMS distance to the fit exceeds this x minor axis."""
+    min_coverage: float = 0.5
+    """Ellipse fill: quarantine when the outline covers less of the fitted perimeter."""
+    min_axis_ratio: float = 0.2
+    """Ellipse fill: quarantine when minor/major axis is below this (a line, not a head)."""
 
 
 class ShardConfig(Config):
@@ -138,7 +144,7 @@ def _sample(rec: SourceRecord, cohort: Cohort, split: str, mask_cfg: MaskConfig)
     mask = None
     if raw_mask is not None:
         try:
-            mask, figures = fill_mask(raw_mask, mask_cfg.fill, mask_cfg.threshold, mask_cfg.min_pixels)
+            mask, figures = fill_mask(raw_mask, **mask_cfg.to_dict())
         except MaskError as err:
             raise InputError(err.reason, f"mask {rec.mask_path or rec.key}: {err}") from None
         qc = figures.as_row()
