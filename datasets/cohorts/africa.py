@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 
 from sonosynth.datasets.cohorts.base import (
-    IMAGE_MISSING, UNKNOWN_LABEL, Cohort, CohortError, SourceRecord, find_images, int_or_none,
+    Cohort, CohortError, SourceRecord, find_images, int_or_none, label_error,
     need_column, official_split, read_index,
 )
 from sonosynth.datasets.labels import AFRICA_PLANE_CODES, normalize_plane
@@ -37,12 +37,7 @@ class AfricanPlanes(Cohort):
             if raw_plane is None:
                 raw_plane = AFRICA_PLANE_CODES.get(int(m["plane"]))
         plane = normalize_plane(raw_plane)
-        error = None
-        if image is None:
-            error = (IMAGE_MISSING, f"index row {stem!r} has no image file under {self.src}")
-        elif plane is None:
-            error = (UNKNOWN_LABEL, f"plane {raw_plane!r} of {image} is not one of abdomen, brain, "
-                     "femur, thorax")
+        error = label_error(image, stem, self.src, plane, raw_plane)
         patient = f"africa-{country}-{num:03d}" if country and num is not None else None
         return SourceRecord(
             cohort=self.name, source_id=stem, image_path=str(image) if image else None,

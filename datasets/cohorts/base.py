@@ -169,6 +169,17 @@ def official_split(value: str | None) -> str | None:
     return _TRAIN_VALUES.get((value or "").strip().lower())
 
 
+def label_error(image: Path | None, stem: str, src: Path, plane: str | None,
+                raw_plane: str | None) -> tuple[str, str] | None:
+    """The quarantine reason of an index row: no image file, or a plane outside the vocabulary."""
+    if image is None:
+        return IMAGE_MISSING, f"index row {stem!r} has no image file under {src}"
+    if plane is None:
+        return UNKNOWN_LABEL, (f"plane {raw_plane!r} of {image} is not one of abdomen, brain, "
+                               "femur, thorax, cervix, other; fix the index CSV")
+    return None
+
+
 def int_or_none(text: str | None) -> int | None:
     m = re.search(r"\d+", text or "")
     return int(m.group()) if m else None

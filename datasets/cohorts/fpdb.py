@@ -13,8 +13,8 @@ import re
 from pathlib import Path
 
 from sonosynth.datasets.cohorts.base import (
-    IMAGE_MISSING, UNKNOWN_LABEL, Cohort, CohortError, SourceRecord, annotation_for, find_images,
-    int_or_none, need_column, official_split, read_index,
+    Cohort, CohortError, SourceRecord, annotation_for, find_images,
+    int_or_none, label_error, need_column, official_split, read_index,
 )
 from sonosynth.datasets.labels import FPDB_PLANE_CODES, normalize_plane
 
@@ -40,12 +40,7 @@ class FetalPlanesDB(Cohort):
         plane = normalize_plane(raw_plane)
         if patient is None and m:
             patient = _patient(int(m["patient"]))
-        error = None
-        if image is None:
-            error = (IMAGE_MISSING, f"index row {stem!r} has no image file under {self.src}")
-        elif plane is None:
-            error = (UNKNOWN_LABEL, f"plane {raw_plane!r} of {image} is not one of abdomen, brain, "
-                     "femur, thorax, cervix, other")
+        error = label_error(image, stem, self.src, plane, raw_plane)
         mask = annotation_for(image, self.src) if image is not None else None
         return SourceRecord(
             cohort=self.name, source_id=stem, image_path=str(image) if image else None,
