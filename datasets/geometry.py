@@ -168,20 +168,17 @@ def fill_mask(mask: np.ndarray, fill: FillMethod = "ellipse", threshold: int = 1
     """Filled 0/255 uint8 head mask from an outline (or filled) annotation.
 
     Raises MaskError("empty_mask") when nothing is drawn and MaskError("mask_not_ellipse")
-    when method="ellipse" and the drawing is not ellipse-like: no fit, boundary pixels
+    when fill="ellipse" and the drawing is not ellipse-like: no fit, boundary pixels
     further than ``max_rel_rmse`` x the minor semi-axis from it (RMS), less than
     ``min_coverage`` of its in-image perimeter drawn, or minor/major below ``min_axis_ratio``.
     """
     binary = binarize(mask, threshold)
-    h, w = binary.shape
     if binary.sum() < min_pixels:
         raise MaskError("empty_mask", f"mask has {int(binary.sum())} foreground pixels "
                         f"(> {threshold}); at least {min_pixels} are needed")
     binary = _drop_specks(binary)
-    holes_filled = ndimage.binary_fill_holes(binary)
     ellipse = None
     rmse, coverage = float("nan"), float("nan")
-    was_outline = bool(binary.sum() < 0.5 * holes_filled.sum()) if holes_filled.any() else True
     if fill == "ellipse":
         xy = boundary_xy(binary)
         ellipse = fit_ellipse(xy)
@@ -205,10 +202,10 @@ def fill_mask(mask: np.ndarray, fill: FillMethod = "ellipse", threshold: int = 1
         filled = ndimage.binary_fill_holes(fitted | binary)
         if not fitted.any():
             raise MaskError("mask_not_ellipse", "the fitted ellipse lies outside the image")
-    elif fill == "holes":
-        filled = holes_filled
     else:
-        filled = binary
+        holes_filled = ndimage.binary_fill_holes(binary)
+        was_outline = bool(binary.sum() < 0.5 * holes_filled.sum()) if holes_filled.any() else True
+        filled = holes_filled if fill == "holes" else binary
     border = filled[0].any() or filled[-1].any() or filled[:, 0].any() or filled[:, -1].any()
     figures = MaskFigures(
         fit_rmse_px=rmse, outline_coverage=coverage, area_frac=float(filled.mean()),
