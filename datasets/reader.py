@@ -58,8 +58,11 @@ class DatasetReader(IterableDataset):
         seed: int = 0,
         transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
         storage: StorageConfig | None = None,
+        distributed: bool = True,
     ):
+        """``distributed=False`` reads every shard on every rank (small sets each rank needs whole)."""
         self.uri = uri
+        self.distributed = distributed
         self.split = split
         self.keys = set(keys) if keys is not None else None
         self.shuffle_buffer = shuffle_buffer
@@ -95,7 +98,7 @@ class DatasetReader(IterableDataset):
         shards = list(self.shards)
         if self.shuffle_buffer:
             random.Random(f"{self.seed}:{self.epoch}").shuffle(shards)
-        rank, world = _rank_and_world()
+        rank, world = _rank_and_world() if self.distributed else (0, 1)
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         return shards[rank * workers + worker::world * workers]

@@ -23,6 +23,18 @@ def find_recipe(name_or_path: str) -> Path:
     raise ConfigError(f"no recipe {name_or_path!r}: pass a YAML path or one of {', '.join(known) or '(none)'}")
 
 
+def load_recipe(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A recipe's mapping, with ``extends: other_recipe`` merged underneath it."""
+    if path.resolve() in seen:
+        raise ConfigError(f"recipe {path} extends itself (through {' -> '.join(str(p) for p in seen)})")
+    data = load_yaml(path)
+    parent = data.pop("extends", None)
+    if parent:
+        base = find_recipe(str(parent)) if not (path.parent / str(parent)).is_file() else path.parent / str(parent)
+        data = merge(load_recipe(base, seen + (path.resolve(),)), data)
+    return data
+
+
 def prune(tree: dict[str, Any]) -> dict[str, Any]:
     """Drop unset (None) flags at every depth, and sections left empty."""
     out = {}
@@ -42,7 +54,7 @@ def resolve(cls: type[C], recipe: str | None, flags: dict[str, Any], overrides: 
     source = "defaults"
     if recipe:
         path = find_recipe(recipe)
-        data, source = load_yaml(path), str(path)
+        data, source = load_recipe(path), str(path)
     data = merge(data, prune(flags))
     overrides = list(overrides)
     if overrides:

@@ -1,0 +1,1 @@
+"""Stable Diffusion LoRA: model builders, training (joint and class modes) and the sampler."""

@@ -1,0 +1,92 @@
+"""peft LoRA on the UNet attention (and optionally the text encoder), saved in diffusers format.
+
+The saved folder holds ``pytorch_lora_weights.safetensors`` with the LoRA config (rank,
+alpha, targets) in its metadata, so ``pipe.load_lora_weights(folder)`` restores the exact
+scaling even when alpha differs from rank.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import model_validator
+
+from sonosynth.infra.config import Config
+
+WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+
+
+class LoraConfig(Config):
+    """Low-rank adapters: where they go, their size and their initialisation."""
+
+    rank: int = 128
+    """LoRA rank r (paper A: 128; FU-LoRA: 8, 32 or 128)."""
+    alpha: float | None = None
+    """LoRA alpha; the update is scaled by alpha / rank. Null means alpha = rank (both papers)."""
+    init: Literal["gaussian", "kaiming", "pissa", "olora"] = "gaussian"
+    """Initialisation of the A matrices (B starts at zero, so training starts at the base model)."""
+    dropout: float = 0.0
+    """Dropout on the LoRA input."""
+    unet_targets: list[str] = ["to_q", "to_k", "to_v", "to_out.0"]
+    """UNet attention projections that get an adapter."""
+    text_encoder: bool = False
+    """Also train a LoRA on the text encoder (FU-LoRA); text embeddings cannot then be cached."""
+    text_encoder_targets: list[str] = ["q_proj", "k_proj", "v_proj", "out_proj"]
+    """Text-encoder projections that get an adapter when ``text_encoder`` is true."""
+
+    @model_validator(mode="after")
+    def _check(self) -> "LoraConfig":
+        if self.rank < 1:
+            raise ValueError("rank must be at least 1 (papers: 8, 32, 128)")
+        if not 0 <= self.dropout < 1:
+            raise ValueError("dropout must be in [0, 1)")
+        if not self.unet_targets:
+            raise ValueError("unet_targets is empty; the papers use [to_q, to_k, to_v, to_out.0]")
+        return self
+
+    def peft_config(self, targets: list[str]):
+        from peft import LoraConfig as PeftLoraConfig
+
+        init = {"gaussian": "gaussian", "kaiming": True, "pissa": "pissa", "olora": "olora"}[self.init]
+        return PeftLoraConfig(r=self.rank, lora_alpha=self.alpha or self.rank, lora_dropout=self.dropout,
+                              init_lora_weights=init, target_modules=targets)
+
+
+def add_lora(unet: torch.nn.Module, text_encoder: torch.nn.Module, cfg: LoraConfig) -> None:
+    """Attach adapters in place; only adapter weights require grad afterwards."""
+    unet.add_adapter(cfg.peft_config(cfg.unet_targets))
+    if cfg.text_encoder:
+        from peft import get_peft_model  # noqa: F401  (peft must be importable for add_adapter)
+
+        text_encoder.add_adapter(cfg.peft_config(cfg.text_encoder_targets))
+
+
+def lora_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for n, p in module.named_parameters() if "lora_" in n and p.requires_grad]
+
+
+def save_lora(folder: str | Path, unet: torch.nn.Module, text_encoder: torch.nn.Module | None,
+              cfg: LoraConfig) -> Path:
+    """Write the adapters in the diffusers layout; returns the weights file."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    def metadata(targets: list[str]) -> dict:
+        return {"r": cfg.rank, "lora_alpha": cfg.alpha or cfg.rank, "target_modules": list(targets),
+                "lora_dropout": cfg.dropout}
+
+    te_layers = None
+    if cfg.text_encoder and text_encoder is not None:
+        te_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(text_encoder))
+    StableDiffusionPipeline.save_lora_weights(
+        save_directory=str(folder),
+        unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)),
+        text_encoder_lora_layers=te_layers,
+        safe_serialization=True,
+        unet_lora_adapter_metadata=metadata(cfg.unet_targets),
+        text_encoder_lora_adapter_metadata=metadata(cfg.text_encoder_targets) if te_layers else None,
+    )
+    return Path(folder) / WEIGHTS_NAME

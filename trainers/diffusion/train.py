@@ -1,0 +1,297 @@
+"""The ``train-lora`` stage: a Stable Diffusion LoRA in joint (paper A) or class (FU-LoRA) mode.
+
+The VAE and (unless it gets its own LoRA) the text encoder are frozen, so latents and text
+embeddings are computed once and cached: each rank encodes its share, the shares are
+gathered. Per step only the UNet runs. The cached latent keeps the VAE's mean and std, and
+a fresh latent is drawn from them every step, exactly as encoding every step would.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import model_validator
+
+from sonosynth.infra.config import Config
+from sonosynth.trainers.diffusion.data import Example, LoraDataConfig, load_examples
+from sonosynth.trainers.diffusion.lora import LoraConfig, add_lora, lora_parameters, save_lora
+from sonosynth.trainers.diffusion.models import DiffusionModelConfig, build_components, build_pipeline
+from sonosynth.trainers.engine import TrainStageConfig
+from sonosynth.trainers.worker import TrainTask, WorkerContext
+
+
+class CacheConfig(Config):
+    """What is computed once instead of every step."""
+
+    latents: bool = True
+    """Encode every example through the frozen VAE once (false: encode every step)."""
+    text: bool | None = None
+    """Encode each prompt once; null caches whenever the text encoder is frozen."""
+
+
+class PreviewConfig(Config):
+    """Images sampled from the trained LoRA at the end, logged to MLflow and written to out."""
+
+    num: int = 8
+    """How many (0: none)."""
+    steps: int = 20
+    """Denoising steps (DPM-Solver++)."""
+    guidance: float = 7.5
+    """Classifier-free guidance scale."""
+    seed: int = 0
+    """Seed of the preview noise."""
+
+
+class LoraTrainConfig(TrainStageConfig):
+    """``sonosynth train-lora``: recipe fields below, engine/optim/tracking from the base."""
+
+    task_class: ClassVar[str] = "sonosynth.trainers.diffusion.train:LoraTask"
+    experiment: ClassVar[str] = "sonosynth-train-lora"
+    registered_model: ClassVar[str] = "sonosynth-lora"
+
+    data: LoraDataConfig
+    """Training examples and how they are packed."""
+    model: DiffusionModelConfig = DiffusionModelConfig()
+    """Base model (SD 1.5 folder, or the tiny model)."""
+    lora: LoraConfig = LoraConfig()
+    """Adapters."""
+    text_encoder_lr: float = 5e-5
+    """Learning rate of the text-encoder LoRA (FU-LoRA: 5e-5); used when lora.text_encoder."""
+    cache: CacheConfig = CacheConfig()
+    """Latent and text-embedding caches."""
+    eval_examples: int = 8
+    """Examples in the fixed-noise evaluation loss logged at the start and at checkpoints."""
+    preview: PreviewConfig = PreviewConfig()
+    """Samples from the trained LoRA."""
+
+    @model_validator(mode="after")
+    def _check(self) -> "LoraTrainConfig":
+        if self.cache.text and self.lora.text_encoder:
+            raise ValueError("cache.text cannot be true while lora.text_encoder trains the text encoder; "
+                             "set cache.text to null")
+        return self
+
+    @property
+    def cache_text(self) -> bool:
+        return not self.lora.text_encoder if self.cache.text is None else self.cache.text
+
+
+class LoraDiffusionModule(torch.nn.Module):
+    """The module DeepSpeed wraps: ``forward(batch, generator)`` is the epsilon (or v) MSE."""
+
+    def __init__(self, unet, text_encoder, vae, noise_scheduler, clip_skip: int, vae_scaling: float):
+        super().__init__()
+        self.unet = unet
+        self.text_encoder = text_encoder  # None when prompts are cached
+        self.vae = vae  # None when latents are cached
+        self.noise_scheduler = noise_scheduler
+        self.clip_skip = clip_skip
+        self.vae_scaling = vae_scaling
+
+    def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return encode_prompt_ids(self.text_encoder, input_ids, self.clip_skip)
+
+    def forward(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
+        dtype = next(self.unet.parameters()).dtype
+        device = next(self.unet.parameters()).device
+        if "latent_mean" in batch:
+            mean, std = batch["latent_mean"], batch["latent_std"]
+        else:
+            with torch.no_grad():
+                dist = self.vae.encode(batch["pixels"].to(next(self.vae.parameters()).dtype)).latent_dist
+            mean, std = dist.mean, dist.std
+        shape = mean.shape
+        latents = mean.float() + std.float() * torch.randn(shape, generator=generator).to(device)
+        latents = latents * self.vae_scaling
+        noise = torch.randn(shape, generator=generator).to(device)
+        steps = self.noise_scheduler.config.num_train_timesteps
+        t = torch.randint(0, steps, (shape[0],), generator=generator).to(device)
+        noisy = self.noise_scheduler.add_noise(latents, noise, t)
+        emb = batch["text_emb"] if "text_emb" in batch else self.encode_text(batch["input_ids"])
+        pred = self.unet(noisy.to(dtype), t, emb.to(dtype)).sample
+        if self.noise_scheduler.config.prediction_type == "v_prediction":
+            target = self.noise_scheduler.get_velocity(latents, noise, t)
+        else:
+            target = noise
+        return F.mse_loss(pred.float(), target.float())
+
+
+def encode_prompt_ids(text_encoder, input_ids: torch.Tensor, clip_skip: int) -> torch.Tensor:
+    """Prompt embeddings; clip_skip=2 takes the penultimate layer (then the final layer norm).
+
+    transformers 5 flattened ``CLIPTextModel`` (no ``.text_model``), which breaks diffusers'
+    own ``clip_skip``; callers pass these embeddings to pipelines instead."""
+    out = text_encoder(input_ids, output_hidden_states=clip_skip > 1)
+    if clip_skip == 1:
+        return out.last_hidden_state
+    norm = getattr(text_encoder, "text_model", text_encoder).final_layer_norm
+    return norm(out.hidden_states[-clip_skip])
+
+
+def to_uint8(pixels: torch.Tensor) -> np.ndarray:
+    """[3, H, W] in [-1, 1] -> HxWx3 uint8."""
+    return ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+
+
+def grid(images: list[np.ndarray], cols: int = 4) -> np.ndarray:
+    h, w, _ = images[0].shape
+    rows = -(-len(images) // cols)
+    out = np.zeros((rows * h, min(cols, len(images)) * w, 3), np.uint8)
+    for i, im in enumerate(images):
+        r, c = divmod(i, cols)
+        out[r * h:(r + 1) * h, c * w:(c + 1) * w] = im
+    return out
+
+
+class LoraTask(TrainTask):
+    def __init__(self, cfg: LoraTrainConfig, ctx: WorkerContext):
+        super().__init__(cfg, ctx)
+        self.examples: list[Example] = load_examples(cfg.data, cfg.storage)
+        parts = build_components(cfg.model)
+        self.parts = parts
+        add_lora(parts.unet, parts.text_encoder, cfg.lora)
+        parts.unet.to(ctx.device)
+        parts.text_encoder.to(ctx.device)
+        parts.vae.to(ctx.device)
+        self.vae_scaling = float(parts.vae.config.scaling_factor)
+        self.prompts = sorted({e.prompt for e in self.examples})
+        self.prompt_ids = self._tokenize(self.prompts)
+        self.text_cache = self._encode_prompts() if cfg.cache_text else None
+        self.latent_cache = self._encode_latents() if cfg.cache.latents else None
+
+    # -- caches ---------------------------------------------------------------------------
+    def _tokenize(self, prompts: list[str]) -> torch.Tensor:
+        tok = self.parts.tokenizer
+        return tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                   return_tensors="pt").input_ids
+
+    @torch.no_grad()
+    def _encode_prompts(self) -> torch.Tensor:
+        ids = self.prompt_ids.to(self.ctx.device)
+        return encode_prompt_ids(self.parts.text_encoder, ids, self.cfg.model.clip_skip).cpu()
+
+    @torch.no_grad()
+    def _encode_latents(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each rank encodes every world-th example; the shares are gathered on all ranks."""
+        mine = list(range(self.ctx.rank, len(self.examples), self.ctx.world))
+        encoded = {}
+        for i in range(0, len(mine), 8):
+            chunk = mine[i:i + 8]
+            pixels = torch.stack([self.examples[j].pixels for j in chunk]).to(self.ctx.device)
+            dist = self.parts.vae.encode(pixels).latent_dist
+            for j, m, s in zip(chunk, dist.mean.cpu(), dist.std.cpu()):
+                encoded[j] = (m, s)
+        gathered: dict[int, tuple] = {}
+        for part in self.ctx.all_gather(encoded):
+            gathered.update(part)
+        mean = torch.stack([gathered[j][0] for j in range(len(self.examples))])
+        std = torch.stack([gathered[j][1] for j in range(len(self.examples))])
+        return mean, std
+
+    # -- engine interface -----------------------------------------------------------------
+    def module(self) -> LoraDiffusionModule:
+        p = self.parts
+        module = LoraDiffusionModule(
+            p.unet, None if self.text_cache is not None else p.text_encoder,
+            None if self.latent_cache is not None else p.vae, p.noise_scheduler, self.cfg.model.clip_skip,
+            self.vae_scaling)
+        return module
+
+    def param_groups(self) -> list[dict]:
+        groups = [{"params": lora_parameters(self.parts.unet), "lr": self.cfg.optim.lr}]
+        if self.cfg.lora.text_encoder:
+            groups.append({"params": lora_parameters(self.parts.text_encoder), "lr": self.cfg.text_encoder_lr})
+        return groups
+
+    def num_examples(self) -> int:
+        return len(self.examples)
+
+    def batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        dev = self.ctx.device
+        out: dict[str, torch.Tensor] = {}
+        if self.latent_cache is not None:
+            out["latent_mean"] = self.latent_cache[0][indices].to(dev)
+            out["latent_std"] = self.latent_cache[1][indices].to(dev)
+        else:
+            out["pixels"] = torch.stack([self.examples[i].pixels for i in indices]).to(dev)
+        rows = [self.prompts.index(self.examples[i].prompt) for i in indices]
+        if self.text_cache is not None:
+            out["text_emb"] = self.text_cache[rows].to(dev)
+        else:
+            out["input_ids"] = self.prompt_ids[rows].to(dev)
+        return out
+
+    @torch.no_grad()
+    def evaluate(self, module) -> dict[str, float]:
+        """Loss on fixed examples with fixed noise and timesteps: comparable across steps."""
+        n = min(self.cfg.eval_examples, len(self.examples))
+        if n == 0:
+            return {}
+        was_training = module.training
+        module.eval()
+        losses = []
+        for i in range(n):
+            for draw in range(4):
+                gen = torch.Generator().manual_seed(10_000 * i + draw)
+                losses.append(float(module(self.batch([i]), gen)))
+        module.train(was_training)
+        return {"eval/loss": float(np.mean(losses))}
+
+    def on_start(self, tracker) -> None:
+        images = [to_uint8(e.pixels) for e in self.examples[:8]]
+        tracker.log_image(grid(images), "inputs.png")
+        tracker.log_text("\n".join(f"{e.key}\t{e.plane}\t{e.prompt}" for e in self.examples), "examples.tsv")
+        tracker.log_text(self.cfg.to_yaml(), "config.yaml")
+
+    def export(self, module, folder: Path, tracker) -> dict[str, Any]:
+        weights = save_lora(folder, module.unet, module.text_encoder or self.parts.text_encoder, self.cfg.lora)
+        lineage = {
+            "base_model": self.cfg.model.identity(), "mode": self.cfg.data.mode,
+            "prompts": self.prompts, "dataset": self.cfg.data.dataset, "examples": len(self.examples),
+            "rank": self.cfg.lora.rank, "alpha": self.cfg.lora.alpha or self.cfg.lora.rank,
+            "weights_sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
+            "clip_skip": self.cfg.model.clip_skip, "resolution": self.cfg.data.resolution,
+        }
+        (folder / "lineage.json").write_text(json.dumps(lineage, indent=1))
+        (folder / "config.yaml").write_text(self.cfg.to_yaml())
+        if self.cfg.preview.num:
+            sheet = self.preview(folder)
+            tracker.log_image(sheet, "previews/final.png")
+            self.ctx.storage.put_bytes("previews/final.png", _png(sheet))
+        return lineage
+
+    def preview(self, lora_folder: Path) -> np.ndarray:
+        """Sample with a fresh fp32 base pipeline + the exported LoRA: what users will load."""
+        from diffusers import DPMSolverMultistepScheduler
+
+        pipe = build_pipeline(self.cfg.model)
+        pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+        pipe.load_lora_weights(str(lora_folder))
+        pipe.to(self.ctx.device)
+        pipe.set_progress_bar_config(disable=True)
+        p = self.cfg.preview
+        prompts = [self.prompts[i % len(self.prompts)] for i in range(p.num)]
+        res = self.cfg.data.resolution
+        with torch.no_grad():
+            tokens = self._tokenize(prompts + [""]).to(self.ctx.device)
+            emb = encode_prompt_ids(pipe.text_encoder, tokens, self.cfg.model.clip_skip)
+        images = pipe(prompt_embeds=emb[:-1], negative_prompt_embeds=emb[-1:].expand(len(prompts), -1, -1),
+                      height=res, width=res, num_inference_steps=p.steps, guidance_scale=p.guidance,
+                      generator=torch.Generator().manual_seed(p.seed), output_type="np").images
+        return grid([(im * 255).round().astype(np.uint8) for im in images])
+
+
+def _png(array: np.ndarray) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
