@@ -213,7 +213,7 @@ class Tracker:
             return
         path = Path(path)
         if self.offline or self.run_id is None:
-            keep = self.offline_dir / "artifacts" / f"{len(self._backlog):04d}-{path.name}"
+            keep = self.offline_dir / "artifacts" / f"{len(self._backlog):04d}" / path.name
             keep.parent.mkdir(parents=True, exist_ok=True)
             (shutil.copytree if path.is_dir() else shutil.copy2)(path, keep)
             path = keep

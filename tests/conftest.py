@@ -40,3 +40,30 @@ def s3_bucket(moto_endpoint, monkeypatch):
     name = f"t-{uuid.uuid4().hex[:12]}"
     boto3.client("s3", endpoint_url=moto_endpoint).create_bucket(Bucket=name)
     return name
+
+
+@pytest.fixture(scope="session")
+def mlflow_url(tmp_path_factory):
+    """A real MLflow tracking server over HTTP (SQLite backend, served artifacts)."""
+    from sonosynth.infra.local_mlflow import mlflow_server
+
+    with mlflow_server(tmp_path_factory.mktemp("mlflow-server")) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def make_phantom_dataset():
+    """Factory: ``make_phantom_dataset(dest, num, planes)`` ingests a phantom dataset."""
+    return _make_phantom_dataset
+
+
+def _make_phantom_dataset(dest: Path, num: int, planes: list[str], size: int = 96) -> Path:
+    """A small real dataset written by the ingest stage (phantom cohort)."""
+    from sonosynth.datasets.ingest import IngestConfig, run_ingest
+    from sonosynth.infra.config import build
+
+    cfg = build(IngestConfig, {"out": str(dest), "cohort": {"name": "phantom", "phantom": {
+        "num": num, "height": size, "width": size, "planes": planes, "seed": 0}}})
+    report = run_ingest(cfg, progress=False)
+    assert report.ingested == num
+    return dest

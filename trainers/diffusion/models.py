@@ -65,7 +65,7 @@ class DiffusionModelConfig(Config):
             missing = [d for d in ("unet", "vae", "text_encoder", "tokenizer") if not (root / d).is_dir()]
             if missing:
                 raise ValueError(
-                    f"{root} is not a diffusers Stable Diffusion folder (missing {', '.join(missing)}/); "
+                    f"{root} is not a diffusers Stable Diffusion folder (missing {', '.join(d + '/' for d in missing)}); "
                     "point model.pretrained at a local copy of stable-diffusion-v1-5, or set it to null "
                     "for the tiny model")
         if self.clip_skip < 1:

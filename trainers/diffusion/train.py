@@ -155,7 +155,9 @@ class LoraTask(TrainTask):
         self.examples: list[Example] = load_examples(cfg.data, cfg.storage)
         parts = build_components(cfg.model)
         self.parts = parts
-        add_lora(parts.unet, parts.text_encoder, cfg.lora)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.engine.seed)  # the same adapters on every rank and every run
+            add_lora(parts.unet, parts.text_encoder, cfg.lora)
         parts.unet.to(ctx.device)
         parts.text_encoder.to(ctx.device)
         parts.vae.to(ctx.device)

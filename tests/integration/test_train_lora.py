@@ -1,0 +1,165 @@
+"""train-lora end to end: the CLI, a real local Ray, 2 DeepSpeed ranks on CPU, real MLflow."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+pytestmark = pytest.mark.integration
+SONOSYNTH = str(Path(sys.executable).with_name("sonosynth"))
+STEPS = ["--set", "engine.max_steps=40", "--set", "engine.checkpoint_every=10", "--set", "preview.num=2"]
+
+
+def cli(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run([SONOSYNTH, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"sonosynth {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return proc
+
+
+def summary(out: Path) -> dict:
+    return json.loads((out / "summary.json").read_text())
+
+
+def mlflow_client(uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(uri)
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("train-lora")
+
+
+@pytest.fixture(scope="module")
+def joint_data(work, make_phantom_dataset) -> Path:
+    return make_phantom_dataset(work / "phantom", 24, ["brain"])
+
+
+@pytest.fixture(scope="module")
+def joint_run(work, joint_data) -> tuple[Path, str, str]:
+    """One uninterrupted joint-mode job: 2 ranks, 40 steps, local SQLite MLflow store."""
+    out, uri = work / "joint", f"sqlite:///{work / 'mlruns.db'}"
+    proc = cli(["train-lora", "lora_joint_tiny", "--out", str(out), "--dataset", str(joint_data),
+                "--set", f"tracking.uri={uri}", *STEPS], cwd=work)
+    return out, uri, proc.stdout
+
+
+def test_joint_mode_loss_falls_on_two_ranks(joint_run):
+    out, _, stdout = joint_run
+    s = summary(out)
+    assert s["workers"] == 2 and s["steps"] == 40 and s["resumed_from_step"] == 0
+    assert s["eval_end"]["eval/loss"] < s["eval_start"]["eval/loss"] - 0.01, s
+    assert "eval/loss" in stdout and "registered: sonosynth-lora" in stdout
+
+
+def test_rank0_alone_owns_one_mlflow_run(joint_run):
+    out, uri, _ = joint_run
+    client = mlflow_client(uri)
+    exp = client.get_experiment_by_name("sonosynth-train-lora")
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 1, "each rank must not open its own run"
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.params["engine.workers"] == "2" and run.data.params["lora.rank"] == "8"
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
+    assert steps == list(range(5, 41, 5))
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "inputs.png", "model", "previews", "summary.json"} <= artifacts
+    versions = client.search_model_versions("name='sonosynth-lora'")
+    assert [v.run_id for v in versions] == [run.info.run_id]
+    assert json.loads((out / "tracking.json").read_text())["run_id"] == run.info.run_id
+
+
+def test_saved_lora_loads_into_pipeline_and_changes_output(joint_run):
+    from sonosynth.infra.config import build
+    from sonosynth.trainers.diffusion.models import DiffusionModelConfig, build_pipeline
+
+    out, _, _ = joint_run
+    model_cfg = build(DiffusionModelConfig, json.loads(json.dumps(
+        __import__("yaml").safe_load((out / "model" / "config.yaml").read_text())["model"])))
+
+    def sample(pipe):
+        pipe.set_progress_bar_config(disable=True)
+        return pipe("a photo of standard maternal fetal ultrasound planes, fetal head", height=64, width=64,
+                    num_inference_steps=5, generator=torch.Generator().manual_seed(0), output_type="np").images
+
+    pipe = build_pipeline(model_cfg)
+    before = sample(pipe)
+    pipe.load_lora_weights(str(out / "model"))
+    after = sample(pipe)
+    assert np.abs(after - before).max() > 1e-3
+    keys = load_file(out / "model" / "pytorch_lora_weights.safetensors").keys()
+    assert keys and all(k.startswith("unet.") for k in keys)
+
+
+def test_rerun_of_finished_job_trains_nothing(joint_run, joint_data):
+    out, uri, _ = joint_run
+    t0 = time.monotonic()
+    proc = cli(["train-lora", "lora_joint_tiny", "--out", str(out), "--dataset", str(joint_data),
+                "--set", f"tracking.uri={uri}", *STEPS], cwd=out.parent)
+    assert "already finished" in proc.stdout
+    assert time.monotonic() - t0 < 30
+
+
+def test_killed_job_resumes_to_the_same_weights(work, joint_data, joint_run):
+    reference, _, _ = joint_run
+    out = work / "killed"
+    args = [SONOSYNTH, "train-lora", "lora_joint_tiny", "--out", str(out), "--dataset", str(joint_data),
+            "--set", f"tracking.uri=sqlite:///{work / 'killed.db'}", *STEPS]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen(args, cwd=work, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    marker = out / "checkpoints" / "step-00000010" / "_COMPLETE.json"
+    deadline = time.monotonic() + 400
+    while not marker.exists():
+        assert proc.poll() is None, "the job ended before its first checkpoint"
+        assert time.monotonic() < deadline, "no checkpoint within the time limit"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver, its local Ray and the training workers
+    proc.wait()
+    assert not (out / "summary.json").exists(), "the job finished before it was killed"
+
+    done = cli(args[1:], cwd=work)
+    s = summary(out)
+    assert s["resumed_from_step"] >= 10 and "resuming from checkpoint" in done.stdout + done.stderr
+    a = load_file(reference / "model" / "pytorch_lora_weights.safetensors")
+    b = load_file(out / "model" / "pytorch_lora_weights.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6, msg=key)
+
+
+def test_class_mode_with_text_encoder_lora_tracked_on_a_real_server(work, mlflow_url, make_phantom_dataset):
+    data = make_phantom_dataset(work / "planes", 32, ["brain", "abdomen", "femur", "thorax"])
+    out = work / "class"
+    proc = cli(["train-lora", "lora_class_tiny", "--out", str(out), "--dataset", str(data),
+                "--set", f"tracking.uri={mlflow_url}", *STEPS], cwd=work)
+    s = summary(out)
+    assert s["eval_end"]["eval/loss"] < s["eval_start"]["eval/loss"] - 0.01, s
+    assert sorted(s["lineage"]["prompts"]) == ["a photo of fetal abdomen", "a photo of fetal brain",
+                                               "a photo of fetal femur", "a photo of fetal thorax"]
+    keys = load_file(out / "model" / "pytorch_lora_weights.safetensors").keys()
+    assert any(k.startswith("text_encoder.") for k in keys) and any(k.startswith("unet.") for k in keys)
+    client = mlflow_client(mlflow_url)
+    run = client.get_run(s["mlflow"]["run_id"])
+    assert run.info.status == "FINISHED" and run.data.params["data.mode"] == "class"
+    assert len(client.get_metric_history(run.info.run_id, "train/loss")) == 8
+    version = client.get_model_version("sonosynth-lora", s["mlflow"]["version"])
+    assert version.run_id == run.info.run_id
+    local = Path(__import__("mlflow").artifacts.download_artifacts(
+        f"models:/sonosynth-lora/{version.version}", tracking_uri=mlflow_url))
+    assert (local / "pytorch_lora_weights.safetensors").read_bytes() == \
+        (out / "model" / "pytorch_lora_weights.safetensors").read_bytes()
+    assert mlflow_url in proc.stdout
