@@ -29,6 +29,7 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/reader_throughput.py
+	$(PY) bench/lora_train_throughput.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

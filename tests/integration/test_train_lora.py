@@ -158,8 +158,42 @@ def test_class_mode_with_text_encoder_lora_tracked_on_a_real_server(work, mlflow
     assert len(client.get_metric_history(run.info.run_id, "train/loss")) == 8
     version = client.get_model_version("sonosynth-lora", s["mlflow"]["version"])
     assert version.run_id == run.info.run_id
-    local = Path(__import__("mlflow").artifacts.download_artifacts(
-        f"models:/sonosynth-lora/{version.version}", tracking_uri=mlflow_url))
+    local = Path(__import__("mlflow").artifacts.download_artifacts(version.source, tracking_uri=mlflow_url))
     assert (local / "pytorch_lora_weights.safetensors").read_bytes() == \
         (out / "model" / "pytorch_lora_weights.safetensors").read_bytes()
     assert mlflow_url in proc.stdout
+
+
+def test_killed_workers_are_restarted_by_ray_train_and_resume(work, joint_data, joint_run):
+    import psutil
+
+    reference, _, _ = joint_run
+    out = work / "worker-killed"
+    args = [SONOSYNTH, "train-lora", "lora_joint_tiny", "--out", str(out), "--dataset", str(joint_data),
+            "--set", f"tracking.uri=sqlite:///{work / 'worker-killed.db'}", "--set", "engine.max_failures=1",
+            *STEPS]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen(args, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        marker = out / "checkpoints" / "step-00000010" / "_COMPLETE.json"
+        deadline = time.monotonic() + 400
+        while not marker.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint"
+            time.sleep(0.05)
+        workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
+                   if "ray::RayTrainWorker" in " ".join(p.cmdline())]
+        assert len(workers) == 2
+        for p in workers:
+            p.kill()
+        output, _ = proc.communicate(timeout=500)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, output[-4000:]
+    s = summary(out)
+    assert s["resumed_from_step"] >= 10
+    a = load_file(reference / "model" / "pytorch_lora_weights.safetensors")
+    b = load_file(out / "model" / "pytorch_lora_weights.safetensors")
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6, msg=key)

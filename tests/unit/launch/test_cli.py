@@ -55,6 +55,16 @@ def test_config_lists_documented_fields():
 
 
 def test_demo_runs_on_the_embedded_default(tmp_path):
-    res = _run("demo", "--out", str(tmp_path / "demo"), "--set", "cohort.phantom.num=12")
-    assert res.returncode == 0, res.stderr
-    assert "read back 12 samples" in res.stdout and (tmp_path / "demo" / "real_preview.png").is_file()
+    demo = tmp_path / "demo"
+    res = _run("demo", "--out", str(demo), "--set", "ingest.cohort.phantom.num=12",
+               "--set", "train_lora.engine.max_steps=6", "--set", "train_lora.preview.num=1")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"{demo / 'real'} (12 samples)" in res.stdout and (demo / "real_preview.png").is_file()
+    assert (demo / "lora" / "model" / "pytorch_lora_weights.safetensors").is_file()
+    assert (demo / "lora" / "previews" / "final.png").is_file() and (demo / "mlflow.db").is_file()
+    assert "registered: sonosynth-lora version 1" in res.stdout
+
+
+def test_demo_rejects_unknown_sections(tmp_path):
+    res = _run("demo", "--out", str(tmp_path / "demo"), "--set", "train_lora.engine.max_step=6")
+    assert res.returncode == 2 and "did you mean 'max_steps'" in res.stderr
