@@ -259,6 +259,7 @@ class LoraTask(TrainTask):
             "rank": self.cfg.lora.rank, "alpha": self.cfg.lora.alpha or self.cfg.lora.rank,
             "weights_sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
             "clip_skip": self.cfg.model.clip_skip, "resolution": self.cfg.data.resolution,
+            "class_prompts": {e.plane: e.prompt for e in self.examples} if self.cfg.data.mode == "class" else {},
         }
         (folder / "lineage.json").write_text(json.dumps(lineage, indent=1))
         (folder / "config.yaml").write_text(self.cfg.to_yaml())

@@ -1,0 +1,102 @@
+"""Synthetic samples: image and mask out of a joint-mode RGB sample, and the quality filter.
+
+A joint model draws RGB = (image, image, mask). The image is the red channel (or the mean of
+red and green); the mask is the blue channel thresholded (paper A: > 180). The largest
+component is kept (with arcs of a gapped outline), an ellipse is fitted and filled, and the
+sample is rejected when the mask is empty, tiny, huge, cut by the image border or not
+ellipse-like. The reason and the QC figures go into ``meta.json`` and the manifest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import model_validator
+
+from sonosynth.datasets.geometry import MaskError, fill_mask
+from sonosynth.infra.config import Config
+
+EMPTY, TINY, HUGE, OFF_IMAGE, NOT_ELLIPSE = "empty_mask", "mask_tiny", "mask_huge", "mask_off_image", "mask_not_ellipse"
+REJECT_REASONS = (EMPTY, TINY, HUGE, OFF_IMAGE, NOT_ELLIPSE)
+
+
+class QCConfig(Config):
+    """Mask extraction and the quality filter of synthetic joint-mode samples."""
+
+    image_channel: Literal["red", "red_green"] = "red"
+    """Image from the red channel (paper A) or the mean of red and green."""
+    mask_threshold: int = 180
+    """Blue values above this are mask (paper A: 180)."""
+    min_pixels: int = 20
+    """Fewer mask pixels than this: rejected as empty."""
+    min_area_frac: float = 0.02
+    """Filled mask below this fraction of the image: rejected as tiny."""
+    max_area_frac: float = 0.8
+    """Filled mask above this fraction of the image: rejected as huge."""
+    allow_border: bool = False
+    """Accept masks that reach the image border (a head cut off by the sector edge)."""
+    max_rel_rmse: float = 0.15
+    """Ellipse-likeness: RMS distance of the outline to the fitted ellipse / minor semi-axis."""
+    min_coverage: float = 0.5
+    """Ellipse-likeness: fraction of the fitted ellipse's perimeter the mask must cover."""
+    min_axis_ratio: float = 0.3
+    """Ellipse-likeness: minor / major axis at least this (fetal heads are 0.6-0.9)."""
+    enforce: bool = True
+    """Reject failing samples. False keeps them (reason recorded in meta.json): for benchmarks."""
+
+    @model_validator(mode="after")
+    def _check(self) -> "QCConfig":
+        if not 0 <= self.min_area_frac < self.max_area_frac <= 1:
+            raise ValueError("need 0 <= min_area_frac < max_area_frac <= 1")
+        if not 0 <= self.mask_threshold < 255:
+            raise ValueError("mask_threshold must be in 0..254")
+        return self
+
+
+@dataclass
+class Extracted:
+    image: np.ndarray
+    """uint8 HxW grayscale."""
+    mask: np.ndarray | None
+    """uint8 0/255 filled mask (None in class mode, or when no mask could be made)."""
+    reason: str | None = None
+    """Why the sample fails QC (None: it passes)."""
+    detail: str = ""
+    qc: dict[str, Any] = field(default_factory=dict)
+    """qc_* figures for meta.json and the manifest."""
+
+
+def gray_from_rgb(rgb: np.ndarray, channel: str) -> np.ndarray:
+    if channel == "red":
+        return rgb[..., 0].copy()
+    return ((rgb[..., 0].astype(np.uint16) + rgb[..., 1]) // 2).astype(np.uint8)
+
+
+def extract_joint(rgb: np.ndarray, cfg: QCConfig) -> Extracted:
+    """Image, filled mask and verdict of one joint-mode sample (HxWx3 uint8)."""
+    image = gray_from_rgb(rgb, cfg.image_channel)
+    try:
+        mask, figures = fill_mask(rgb[..., 2], fill="ellipse", threshold=cfg.mask_threshold,
+                                  min_pixels=cfg.min_pixels, max_rel_rmse=cfg.max_rel_rmse,
+                                  min_coverage=cfg.min_coverage, min_axis_ratio=cfg.min_axis_ratio)
+    except MaskError as err:
+        return Extracted(image, None, err.reason, str(err))
+    qc = figures.as_row()
+    if figures.area_frac < cfg.min_area_frac:
+        return Extracted(image, mask, TINY, f"mask covers {figures.area_frac:.1%} of the image "
+                         f"(min_area_frac {cfg.min_area_frac:.1%})", qc)
+    if figures.area_frac > cfg.max_area_frac:
+        return Extracted(image, mask, HUGE, f"mask covers {figures.area_frac:.1%} of the image "
+                         f"(max_area_frac {cfg.max_area_frac:.1%})", qc)
+    if figures.touches_border and not cfg.allow_border:
+        return Extracted(image, mask, OFF_IMAGE, "mask reaches the image border (qc.allow_border=false)", qc)
+    return Extracted(image, mask, None, "", qc)
+
+
+def extract(rgb: np.ndarray, mode: str, cfg: QCConfig) -> Extracted:
+    """Joint: image + mask + QC. Class: the mean of the channels, nothing to reject."""
+    if mode == "joint":
+        return extract_joint(rgb, cfg)
+    return Extracted(rgb.mean(axis=2).round().astype(np.uint8), None)

@@ -1,0 +1,137 @@
+"""The ``generate`` stage: many sampler actors, one synthetic dataset, every sample once.
+
+The job is planned as shard-sized tasks with fixed sample indices; sample ``i``'s attempt
+``a`` has a seed derived from (seed, i, a) and the key ``syn-<run id>-<i>``, where the run
+id is a hash of everything that shapes the images. A task samples its indices (rejected
+ones are retried with the next attempt's seed, up to ``max_attempts``), publishes its shard
+atomically and then its completion record. Re-running the same command skips shards with a
+matching record, so a crash or a kill costs only the shards in flight, and a retried task
+rewrites the same shard under the same name: no duplicates, no gaps.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import model_validator
+
+from sonosynth.datasets.labels import PLANES
+from sonosynth.datasets.synthetic import QCConfig
+from sonosynth.infra.cluster import RayConfig
+from sonosynth.infra.config import Config
+from sonosynth.infra.storage import StorageConfig
+from sonosynth.infra.tracking import TrackingConfig
+from sonosynth.trainers.diffusion.data import PAPER_A_PROMPT
+from sonosynth.trainers.diffusion.sampler import SamplerConfig, SampleSpec
+
+GENERATION_RECORD = "generation.json"
+
+
+class GenerateConfig(Config):
+    """``sonosynth generate``: how many samples, from which model, on how many workers."""
+
+    out: str
+    """Destination dataset: a folder or s3://bucket/prefix."""
+    num_samples: int = 64
+    """Accepted samples to deliver."""
+    sampler: SamplerConfig = SamplerConfig()
+    """Base model, LoRA and sampling settings."""
+    qc: QCConfig = QCConfig()
+    """Mask extraction and quality filter (joint mode)."""
+    mode: Literal["joint", "class"] | None = None
+    """'joint' (image+mask) or 'class' (one plane per prompt); null: the LoRA's training mode."""
+    prompt: str | None = None
+    """Joint mode prompt (null: the one the LoRA was trained with)."""
+    planes: list[str] | None = None
+    """Class mode: planes to draw, in turn by sample index (null: all the LoRA was trained on)."""
+    plane: str | None = None
+    """Joint mode: plane label written to meta.json (e.g. 'brain' for fetal heads)."""
+    shard_size: int = 64
+    """Samples per shard, and per task."""
+    workers: int | None = None
+    """Sampler actors (null: one per GPU of the cluster, else one per cpus_per_worker CPUs)."""
+    cpus_per_worker: int = 1
+    """CPUs reserved per actor (its torch threads on CPU)."""
+    max_attempts: int = 4
+    """Attempts per sample index before it is given up (each with a new derived seed)."""
+    seed: int = 0
+    """Root seed; sample i, attempt a uses a seed derived from (seed, i, a)."""
+    max_restarts: int = 3
+    """Times Ray restarts a sampler actor that died (its model is loaded again)."""
+    max_task_retries: int = 3
+    """Times a task is retried on a restarted actor (tasks are idempotent)."""
+    ray: RayConfig = RayConfig()
+    """Ray cluster to run on."""
+    tracking: TrackingConfig = TrackingConfig()
+    """MLflow tracking of the job."""
+    storage: StorageConfig = StorageConfig()
+    """Retries and endpoint of the destination storage."""
+
+    @model_validator(mode="after")
+    def _check(self) -> "GenerateConfig":
+        for name in ("num_samples", "shard_size", "max_attempts", "cpus_per_worker"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        if self.workers is not None and self.workers < 1:
+            raise ValueError("workers must be at least 1 (or null for one per GPU)")
+        bad = sorted(set(self.planes or []) - set(PLANES))
+        if bad:
+            raise ValueError(f"unknown planes {bad}; planes are {list(PLANES)}")
+        return self
+
+
+def derive_seed(seed: int, index: int, attempt: int) -> int:
+    digest = hashlib.sha256(f"generate:{seed}:{index}:{attempt}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+@dataclass
+class JobPlan:
+    """Everything a worker needs besides the config: identical on every worker."""
+
+    run_id: str
+    mode: str
+    prompts: dict[str, str]
+    """plane (or '' in joint mode) -> prompt."""
+    planes: list[str]
+    lineage: dict[str, Any]
+    tasks: list[dict[str, Any]] = field(default_factory=list)
+
+    def spec(self, cfg: GenerateConfig, index: int, attempt: int) -> SampleSpec:
+        plane = self.planes[index % len(self.planes)] if self.mode == "class" else cfg.plane
+        prompt = self.prompts[plane if self.mode == "class" else ""]
+        return SampleSpec(index, attempt, derive_seed(cfg.seed, index, attempt), prompt, plane)
+
+
+def plan_job(cfg: GenerateConfig, lineage: dict[str, Any], lora_sha: str | None) -> JobPlan:
+    mode = cfg.mode or lineage.get("mode") or "joint"
+    if mode == "class":
+        known = lineage.get("class_prompts") or {}
+        planes = cfg.planes or sorted(known)
+        if not planes:
+            raise ValueError("class mode needs planes: set planes: [brain, femur, ...] or use a LoRA "
+                             "trained in class mode (its lineage.json lists its planes)")
+        from sonosynth.trainers.diffusion.data import FU_LORA_PROMPTS
+
+        missing = [p for p in planes if p not in known and p not in FU_LORA_PROMPTS]
+        if missing:
+            raise ValueError(f"no prompt for planes {missing}; the LoRA knows {sorted(known)}")
+        prompts = {p: known.get(p) or FU_LORA_PROMPTS[p] for p in planes}
+    else:
+        planes = []
+        trained = lineage.get("prompts") or [PAPER_A_PROMPT]
+        prompts = {"": cfg.prompt or trained[0]}
+    identity = {"sampler": cfg.sampler.model_dump(mode="json", exclude={"batch_size", "compile"}),
+                "lora_sha256": lora_sha, "qc": cfg.qc.to_dict(), "mode": mode, "prompts": prompts,
+                "seed": cfg.seed, "max_attempts": cfg.max_attempts, "plane": cfg.plane}
+    run_id = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
+    plan = JobPlan(run_id, mode, prompts, planes, lineage)
+    for start in range(0, cfg.num_samples, cfg.shard_size):
+        indices = list(range(start, min(cfg.num_samples, start + cfg.shard_size)))
+        task_plan = hashlib.sha256(json.dumps({"run": run_id, "indices": indices, "shard_size": cfg.shard_size},
+                                              sort_keys=True).encode()).hexdigest()
+        plan.tasks.append({"shard_index": start // cfg.shard_size, "indices": indices, "plan": task_plan})
+    return plan

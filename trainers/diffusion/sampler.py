@@ -1,0 +1,177 @@
+"""The sampler: base model + fused LoRA, turning batches of sample specs into images.
+
+``Sampler`` loads everything once (a Ray actor builds one in ``__init__``) and is called
+with a batch of ``SampleSpec``; each spec carries its own seed, so an image depends on its
+spec alone, never on which batch or worker drew it. The LoRA comes from a folder (local or
+``s3://``) or MLflow (``models:/sonosynth-lora@champion``, ``models:/sonosynth-lora/3``,
+``runs:/<run id>/model``); its ``lineage.json`` supplies the mode, prompts, resolution and
+clip-skip it was trained with.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import model_validator
+
+from sonosynth.infra.config import Config
+from sonosynth.trainers.diffusion.lora import WEIGHTS_NAME
+from sonosynth.trainers.diffusion.models import DiffusionModelConfig, build_pipeline
+
+SCHEDULERS = {
+    "dpm++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+    "ddim": ("DDIMScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+}
+
+
+class SamplerConfig(Config):
+    """Base model, LoRA and sampling settings of the generation workers."""
+
+    model: DiffusionModelConfig = DiffusionModelConfig()
+    """Base model: must be the one the LoRA was trained on (lineage.json says which)."""
+    lora: str | None = None
+    """LoRA folder (local or s3://) or MLflow URI (models:/sonosynth-lora@champion). Null: base model."""
+    lora_scale: float = 1.0
+    """Strength of the fused LoRA (paper A: 0.9)."""
+    scheduler: Literal["dpm++", "unipc", "ddim", "euler_a"] = "dpm++"
+    """Sampler algorithm (paper A: unipc)."""
+    steps: int = 25
+    """Denoising steps (DPM-Solver++: 20-25; paper A: UniPC 30)."""
+    guidance: float = 7.5
+    """Classifier-free guidance scale."""
+    resolution: int | None = None
+    """Output size in pixels (null: the LoRA's training resolution, else 512)."""
+    batch_size: int = 8
+    """Images per denoising batch on one worker."""
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+    """'auto': fp16 on GPU (bf16 where supported), fp32 on CPU."""
+    compile: bool = False
+    """torch.compile the UNet (GPU; the first batch pays the compile)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> "SamplerConfig":
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError("steps and batch_size must be at least 1")
+        return self
+
+
+@dataclass(frozen=True)
+class SampleSpec:
+    index: int
+    attempt: int
+    seed: int
+    prompt: str
+    plane: str | None = None
+
+
+def fetch_lora(source: str, tracking_uri: str | None = None) -> Path:
+    """A local folder holding the LoRA (downloaded from S3 or MLflow when needed)."""
+    if source.startswith(("models:/", "runs:/", "mlflow-artifacts:/")):
+        import mlflow
+
+        if tracking_uri:
+            mlflow.set_tracking_uri(tracking_uri)
+            mlflow.set_registry_uri(tracking_uri)
+        try:
+            path = Path(mlflow.artifacts.download_artifacts(source, dst_path=tempfile.mkdtemp(prefix="lora-")))
+        except Exception as err:  # noqa: BLE001 - MLflow raises many kinds; say what to fix
+            raise FileNotFoundError(f"cannot fetch LoRA {source} from MLflow at {tracking_uri or 'default'}: "
+                                    f"{err}. Check the model name/alias and tracking.uri") from None
+    elif source.startswith("s3://"):
+        from sonosynth.infra.storage import open_storage
+
+        storage, path = open_storage(source), Path(tempfile.mkdtemp(prefix="lora-"))
+        for key in storage.list(""):
+            (path / key).parent.mkdir(parents=True, exist_ok=True)
+            (path / key).write_bytes(storage.get_bytes(key))
+    else:
+        path = Path(source).expanduser()
+    if not (path / WEIGHTS_NAME).is_file():
+        raise FileNotFoundError(f"{source} holds no {WEIGHTS_NAME}: point sampler.lora at the model/ folder "
+                                "written by `sonosynth train-lora`, or at its MLflow model")
+    return path
+
+
+def read_lineage(folder: Path | None) -> dict[str, Any]:
+    if folder is None or not (folder / "lineage.json").is_file():
+        return {}
+    return json.loads((folder / "lineage.json").read_text())
+
+
+class Sampler:
+    """Callable: list[SampleSpec] -> list of HxWx3 uint8 images, in spec order."""
+
+    def __init__(self, cfg: SamplerConfig, tracking_uri: str | None = None, device: str | None = None):
+        from diffusers import schedulers
+
+        self.cfg = cfg
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.lora_dir = fetch_lora(cfg.lora, tracking_uri) if cfg.lora else None
+        self.lineage = read_lineage(self.lora_dir)
+        self.resolution = cfg.resolution or self.lineage.get("resolution") or 512
+        self.clip_skip = int(self.lineage.get("clip_skip", cfg.model.clip_skip))
+        pipe = build_pipeline(cfg.model)
+        name, extra = SCHEDULERS[cfg.scheduler]
+        pipe.scheduler = getattr(schedulers, name).from_config(pipe.scheduler.config, **extra)
+        if self.lora_dir is not None:
+            pipe.load_lora_weights(str(self.lora_dir))
+            pipe.fuse_lora(lora_scale=cfg.lora_scale)  # one matmul per layer instead of three
+            pipe.unload_lora_weights()
+        dtype = self._dtype()
+        pipe.to(self.device)
+        if dtype != torch.float32:
+            pipe.to(dtype=dtype)
+        pipe.set_progress_bar_config(disable=True)
+        if cfg.compile and self.device.type == "cuda":
+            pipe.unet = torch.compile(pipe.unet, mode="reduce-overhead", fullgraph=False)
+        self.pipe = pipe
+        self._prompt_cache: dict[str, torch.Tensor] = {}
+
+    def _dtype(self) -> torch.dtype:
+        p = self.cfg.precision
+        if p == "auto":
+            if self.device.type != "cuda":
+                return torch.float32
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[p]
+
+    def lora_identity(self) -> dict[str, Any]:
+        if self.lora_dir is None:
+            return {"lora": None}
+        weights = (self.lora_dir / WEIGHTS_NAME).read_bytes()
+        return {"lora": self.cfg.lora, "lora_sha256": hashlib.sha256(weights).hexdigest(),
+                "lora_scale": self.cfg.lora_scale}
+
+    @torch.no_grad()
+    def _embed(self, prompt: str) -> torch.Tensor:
+        from sonosynth.trainers.diffusion.train import encode_prompt_ids
+
+        if prompt not in self._prompt_cache:
+            tok = self.pipe.tokenizer
+            ids = tok([prompt], padding="max_length", max_length=tok.model_max_length, truncation=True,
+                      return_tensors="pt").input_ids.to(self.device)
+            self._prompt_cache[prompt] = encode_prompt_ids(self.pipe.text_encoder, ids, self.clip_skip)
+        return self._prompt_cache[prompt]
+
+    @torch.no_grad()
+    def __call__(self, specs: list[SampleSpec]) -> list[np.ndarray]:
+        out: list[np.ndarray] = []
+        for start in range(0, len(specs), self.cfg.batch_size):
+            batch = specs[start:start + self.cfg.batch_size]
+            emb = torch.cat([self._embed(s.prompt) for s in batch])
+            neg = self._embed("").expand(len(batch), -1, -1)
+            generators = [torch.Generator().manual_seed(s.seed) for s in batch]
+            images = self.pipe(prompt_embeds=emb, negative_prompt_embeds=neg, height=self.resolution,
+                               width=self.resolution, num_inference_steps=self.cfg.steps,
+                               guidance_scale=self.cfg.guidance, generator=generators, output_type="np").images
+            out.extend((np.clip(im, 0, 1) * 255).round().astype(np.uint8) for im in images)
+        return out
