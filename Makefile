@@ -30,6 +30,7 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/reader_throughput.py
 	$(PY) bench/lora_train_throughput.py
+	$(PY) bench/generate_throughput.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -164,13 +164,15 @@ def _coverage(e: Ellipse, binary: np.ndarray, tol_px: float = 3.0) -> tuple[floa
 
 def fill_mask(mask: np.ndarray, fill: FillMethod = "ellipse", threshold: int = 127,
               min_pixels: int = 20, max_rel_rmse: float = 0.15, min_coverage: float = 0.5,
-              min_axis_ratio: float = 0.2) -> tuple[np.ndarray, MaskFigures]:
+              min_axis_ratio: float = 0.2, keep_drawn: bool = True) -> tuple[np.ndarray, MaskFigures]:
     """Filled 0/255 uint8 head mask from an outline (or filled) annotation.
 
     Raises MaskError("empty_mask") when nothing is drawn and MaskError("mask_not_ellipse")
     when fill="ellipse" and the drawing is not ellipse-like: no fit, boundary pixels
     further than ``max_rel_rmse`` x the minor semi-axis from it (RMS), less than
     ``min_coverage`` of its in-image perimeter drawn, or minor/major below ``min_axis_ratio``.
+    ``keep_drawn=False`` returns the fitted ellipse alone (synthetic masks: stray blobs of the
+    drawn mask outside the ellipse are dropped); True also keeps what was drawn (annotations).
     """
     binary = binarize(mask, threshold)
     if binary.sum() < min_pixels:
@@ -199,7 +201,7 @@ def fill_mask(mask: np.ndarray, fill: FillMethod = "ellipse", threshold: int = 1
             # Fill to the outer edge of the drawn line: half its measured thickness.
             grow = 0.5 * binary.sum() / (coverage * in_len)
             fitted = ellipse.inside(binary.shape, grow=grow)
-        filled = ndimage.binary_fill_holes(fitted | binary)
+        filled = ndimage.binary_fill_holes(fitted | binary) if keep_drawn else fitted
         if not fitted.any():
             raise MaskError("mask_not_ellipse", "the fitted ellipse lies outside the image")
     else:

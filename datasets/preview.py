@@ -20,7 +20,9 @@ def overlay(sample: Sample, size: int = 160) -> np.ndarray:
         edge = inside & ~ndimage.binary_erosion(inside, iterations=max(1, sample.image.shape[0] // 150))
         rgb[edge] = [255, 40, 40]
     tile = Image.fromarray(rgb.astype(np.uint8))
-    tile.thumbnail((size, size))
+    scale = size / max(tile.size)
+    tile = tile.resize((max(1, round(tile.width * scale)), max(1, round(tile.height * scale))),
+                       Image.NEAREST if scale > 1 else Image.BILINEAR)
     canvas = Image.new("RGB", (size, size))
     canvas.paste(tile, ((size - tile.width) // 2, (size - tile.height) // 2))
     label = f"{sample.meta.get('plane') or ''} {sample.meta.get('split') or ''}".strip()

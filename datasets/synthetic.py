@@ -80,7 +80,8 @@ def extract_joint(rgb: np.ndarray, cfg: QCConfig) -> Extracted:
     try:
         mask, figures = fill_mask(rgb[..., 2], fill="ellipse", threshold=cfg.mask_threshold,
                                   min_pixels=cfg.min_pixels, max_rel_rmse=cfg.max_rel_rmse,
-                                  min_coverage=cfg.min_coverage, min_axis_ratio=cfg.min_axis_ratio)
+                                  min_coverage=cfg.min_coverage, min_axis_ratio=cfg.min_axis_ratio,
+                                  keep_drawn=False)
     except MaskError as err:
         return Extracted(image, None, err.reason, str(err))
     qc = figures.as_row()

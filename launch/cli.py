@@ -110,10 +110,13 @@ def demo(
         "--set", help="Override the demo recipe: --set train_lora.engine.max_steps=20 (repeatable).")] = None,
 ) -> None:
     """The embedded default end to end on this machine: phantom ingest -> tiny joint-mode
-    LoRA (2 DeepSpeed ranks on a local Ray, tracked in a local MLflow store)."""
+    LoRA (2 DeepSpeed ranks on a local Ray) -> synthetic image+mask pairs from that LoRA
+    (sampler actors on the same Ray), all tracked in a local MLflow store."""
     from sonosynth.datasets.ingest import IngestConfig, run_ingest
     from sonosynth.datasets.summary import summarize
     from sonosynth.infra.config import apply_overrides, build, load_yaml
+    from sonosynth.launch.generate import GenerateConfig
+    from sonosynth.launch.generate_driver import GenerationError, run_generate
     from sonosynth.launch.recipes import find_recipe
     from sonosynth.trainers.diffusion.train import LoraTrainConfig
     from sonosynth.trainers.engine import TrainingError, train
@@ -125,20 +128,28 @@ def demo(
         lora_cfg = build(LoraTrainConfig, merge(data.get("train_lora", {}), {
             "out": str(root / "lora"), "data": {"dataset": str(root / "real")},
             "tracking": {"uri": f"sqlite:///{root / 'mlflow.db'}"}}), "demo train_lora")
-        typer.echo("1/2 ingest: phantom cohort -> WebDataset shards")
+        gen_cfg = build(GenerateConfig, merge(data.get("generate", {}), {
+            "out": str(root / "synthetic"), "sampler": {"lora": str(root / "lora" / "model")},
+            "tracking": {"uri": f"sqlite:///{root / 'mlflow.db'}"}}), "demo generate")
+        typer.echo("1/3 ingest: phantom cohort -> WebDataset shards")
         report = run_ingest(ingest_cfg)
         summary = summarize(ingest_cfg.out, grid=str(root / "real_preview.png"))
         typer.echo(report.summary())
-        typer.echo("2/2 train-lora: tiny joint-mode LoRA, 2 ranks (first run builds a DeepSpeed op, ~30 s)")
+        typer.echo("2/3 train-lora: tiny joint-mode LoRA, 2 ranks (first run builds a DeepSpeed op, ~30 s)")
         trained = train(lora_cfg)
-    except (ConfigError, CohortError, StorageError, TrainingError) as err:
+        _print_training_summary(trained)
+        typer.echo("3/3 generate: synthetic image+mask pairs from that LoRA, sampler actors on Ray")
+        generated = run_generate(gen_cfg)
+    except (ConfigError, CohortError, StorageError, TrainingError, GenerationError) as err:
         _fail(err)
-    _print_training_summary(trained)
+    _print_generation(generated)
     typer.echo("")
     typer.echo(f"dataset:        {root / 'real'} ({summary['samples_read']} samples)")
     typer.echo(f"dataset grid:   {summary['grid']}")
     typer.echo(f"LoRA (diffusers format): {root / 'lora' / 'model'}")
     typer.echo(f"LoRA samples:   {root / 'lora' / 'previews' / 'final.png'}")
+    typer.echo(f"synthetic:      {root / 'synthetic'} ({generated['accepted']} image+mask pairs)")
+    typer.echo(f"synthetic grid: {root / 'synthetic' / 'samples_grid.png'}")
     typer.echo(f"MLflow UI:      mlflow ui --backend-store-uri sqlite:///{root / 'mlflow.db'}")
 
 

@@ -124,7 +124,8 @@ def plan_job(cfg: GenerateConfig, lineage: dict[str, Any], lora_sha: str | None)
         planes = []
         trained = lineage.get("prompts") or [PAPER_A_PROMPT]
         prompts = {"": cfg.prompt or trained[0]}
-    identity = {"sampler": cfg.sampler.model_dump(mode="json", exclude={"batch_size", "compile"}),
+    # The LoRA counts by content (its sha256), not by where it was read from.
+    identity = {"sampler": cfg.sampler.model_dump(mode="json", exclude={"batch_size", "compile", "lora"}),
                 "lora_sha256": lora_sha, "qc": cfg.qc.to_dict(), "mode": mode, "prompts": prompts,
                 "seed": cfg.seed, "max_attempts": cfg.max_attempts, "plane": cfg.plane}
     run_id = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]

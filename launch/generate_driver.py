@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import time
@@ -108,12 +109,13 @@ def _run_tasks(cfg: GenerateConfig, plan: JobPlan, todo: list[dict], progress: b
 
 
 def run_generate(cfg: GenerateConfig, progress: bool = True) -> dict[str, Any]:
+    from sonosynth.trainers.diffusion.lora import WEIGHTS_NAME
     from sonosynth.trainers.diffusion.sampler import fetch_lora, read_lineage
 
     storage = open_storage(cfg.out, cfg.storage)
     lora_dir = fetch_lora(cfg.sampler.lora, cfg.tracking.resolved_uri()) if cfg.sampler.lora else None
     lineage = read_lineage(lora_dir)
-    lora_sha = lineage.get("weights_sha256")
+    lora_sha = hashlib.sha256((lora_dir / WEIGHTS_NAME).read_bytes()).hexdigest() if lora_dir else None
     plan = plan_job(cfg, lineage, lora_sha)
     _guard(storage, cfg, plan)
     _remove_stale(storage, plan)

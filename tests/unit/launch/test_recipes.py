@@ -17,6 +17,26 @@ def test_lora_recipes_resolve(name):
     assert cfg.lora.alpha is None  # alpha = rank in both papers
 
 
+GENERATE_RECIPES = sorted(p.stem for p in REPO_CONFIGS.glob("generate_*.yaml"))
+
+
+@pytest.mark.parametrize("name", GENERATE_RECIPES)
+def test_generate_recipes_resolve(name):
+    from sonosynth.launch.generate import GenerateConfig
+
+    cfg = resolve(GenerateConfig, name, {}, ["sampler.model.pretrained=null"])
+    assert cfg.num_samples >= 1
+
+
+def test_paper_a_sampling_recipe():
+    from sonosynth.launch.generate import GenerateConfig
+
+    cfg = resolve(GenerateConfig, "generate_joint_head_paper", {}, ["sampler.model.pretrained=null"])
+    s = cfg.sampler
+    assert (s.scheduler, s.steps, s.guidance, s.lora_scale, cfg.qc.mask_threshold) == ("unipc", 30, 7.5, 0.9, 180)
+    assert resolve(GenerateConfig, "generate_joint_head", {}, ["sampler.model.pretrained=null"]).sampler.scheduler == "dpm++"
+
+
 def test_paper_hyper_parameters():
     a = resolve(LoraTrainConfig, "lora_joint_head", {}, ["model.pretrained=null"])
     assert (a.lora.rank, a.optim.lr, a.optim.weight_decay, a.engine.epochs, a.data.limit) == (128, 1e-4, 1e-2, 100, 24)
