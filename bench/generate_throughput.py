@@ -17,7 +17,6 @@ rates compare like with like. Model loading and Ray start are excluded from the 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import tempfile
 import time
@@ -27,20 +26,10 @@ import torch
 
 
 def make_lora(folder: Path, resolution: int) -> Path:
-    from sonosynth.trainers.diffusion.lora import LoraConfig, add_lora, lora_parameters, save_lora
-    from sonosynth.trainers.diffusion.models import DiffusionModelConfig, build_components
+    from sonosynth.trainers.diffusion.lora import write_random_lora
+    from sonosynth.trainers.diffusion.models import DiffusionModelConfig
 
-    parts = build_components(DiffusionModelConfig())
-    torch.manual_seed(0)
-    add_lora(parts.unet, parts.text_encoder, LoraConfig(rank=8))
-    with torch.no_grad():
-        for p in lora_parameters(parts.unet):
-            p.add_(torch.randn_like(p) * 0.2)
-    weights = save_lora(folder, parts.unet, None, LoraConfig(rank=8))
-    (folder / "lineage.json").write_text(json.dumps({
-        "mode": "joint", "prompts": ["a photo of fetal head"], "resolution": resolution, "clip_skip": 1,
-        "weights_sha256": hashlib.sha256(weights.read_bytes()).hexdigest()}))
-    return folder
+    return write_random_lora(folder, DiffusionModelConfig(), rank=8, resolution=resolution)
 
 
 def job(lora: Path, out: Path, args, workers: int) -> dict:

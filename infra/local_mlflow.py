@@ -6,12 +6,10 @@ import contextlib
 import shutil
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 from typing import Iterator
 
-from sonosynth.infra.local_s3 import _free_port
+from sonosynth.infra.local_s3 import _free_port, serve
 
 
 @contextlib.contextmanager
@@ -22,27 +20,10 @@ def mlflow_server(root: str | Path, timeout_s: float = 90.0, port: int | None = 
     exe = shutil.which("mlflow") or str(Path(sys.executable).with_name("mlflow"))
     port = port or _free_port()
     url = f"http://127.0.0.1:{port}"
-    log = open(root / "server.log", "w")
-    proc = subprocess.Popen(
-        [exe, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-         "--artifacts-destination", str(root / "artifacts")],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + timeout_s
-    try:
-        while True:
-            try:
-                urllib.request.urlopen(url + "/health", timeout=2)
-                break
-            except Exception:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"mlflow server did not start on {url}; see {root / 'server.log'}") from None
-                time.sleep(0.5)
+    with open(root / "server.log", "w") as log, serve(
+            [exe, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+             "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+             "--artifacts-destination", str(root / "artifacts")],
+            url + "/health", timeout_s, f"mlflow server on {url} (see {root / 'server.log'})",
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True):
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()

@@ -10,7 +10,7 @@ import time
 from typing import Any
 
 from sonosynth.datasets.manifest import write_manifest
-from sonosynth.datasets.shards import DONE_DIR, SHARDS_DIR, ShardRecord, done_key, find_completed, shard_key
+from sonosynth.datasets.shards import SHARDS_DIR, ShardRecord, done_key, find_completed, shard_key
 from sonosynth.infra.config import ConfigError
 from sonosynth.infra.storage import Storage, open_storage
 from sonosynth.infra.tracking import Tracker

@@ -11,9 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
 import webdataset as wds
 
 from sonosynth.datasets.reader import DatasetReader
@@ -42,21 +40,10 @@ def work(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def tiny_lora(work) -> Path:
     """A joint-mode LoRA in the exact format train-lora writes (random adapters, no training)."""
-    from sonosynth.trainers.diffusion.lora import LoraConfig, add_lora, lora_parameters, save_lora
-    from sonosynth.trainers.diffusion.models import DiffusionModelConfig, build_components
+    from sonosynth.trainers.diffusion.lora import write_random_lora
+    from sonosynth.trainers.diffusion.models import DiffusionModelConfig
 
-    parts = build_components(DiffusionModelConfig())
-    torch.manual_seed(0)
-    add_lora(parts.unet, parts.text_encoder, LoraConfig(rank=4))
-    with torch.no_grad():
-        for p in lora_parameters(parts.unet):
-            p.add_(torch.randn_like(p) * 0.2)
-    folder = work / "lora"
-    weights = save_lora(folder, parts.unet, None, LoraConfig(rank=4))
-    (folder / "lineage.json").write_text(json.dumps({
-        "mode": "joint", "prompts": ["a photo of fetal head"], "resolution": 64, "clip_skip": 1,
-        "weights_sha256": hashlib.sha256(weights.read_bytes()).hexdigest()}))
-    return folder
+    return write_random_lora(work / "lora", DiffusionModelConfig(), rank=4, resolution=64)
 
 
 def fingerprint(uri: str, storage=None) -> dict[str, str]:

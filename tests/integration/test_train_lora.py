@@ -141,16 +141,23 @@ def test_killed_job_resumes_to_the_same_weights(work, joint_data, joint_run):
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6, msg=key)
 
 
-def test_class_mode_with_text_encoder_lora_tracked_on_a_real_server(work, mlflow_url, make_phantom_dataset):
+def test_class_mode_on_s3_tracked_on_a_real_server(work, mlflow_url, make_phantom_dataset, s3_bucket):
+    """Class mode with a text-encoder LoRA; checkpoints and model on S3 (moto_server), MLflow over HTTP."""
+    from sonosynth.infra.storage import open_storage
+
     data = make_phantom_dataset(work / "planes", 32, ["brain", "abdomen", "femur", "thorax"])
-    out = work / "class"
-    proc = cli(["train-lora", "lora_class_tiny", "--out", str(out), "--dataset", str(data),
+    out = f"s3://{s3_bucket}/lora/class"
+    proc = cli(["train-lora", "lora_class_tiny", "--out", out, "--dataset", str(data),
                 "--set", f"tracking.uri={mlflow_url}", *STEPS], cwd=work)
-    s = summary(out)
+    storage = open_storage(out)
+    s = json.loads(storage.get_text("summary.json"))
     assert s["eval_end"]["eval/loss"] < s["eval_start"]["eval/loss"] - 0.01, s
     assert sorted(s["lineage"]["prompts"]) == ["a photo of fetal abdomen", "a photo of fetal brain",
                                                "a photo of fetal femur", "a photo of fetal thorax"]
-    keys = load_file(out / "model" / "pytorch_lora_weights.safetensors").keys()
+    assert {k.split("/")[1] for k in storage.list("checkpoints/")} == {"step-00000030", "step-00000040"}
+    weights = storage.get_bytes("model/pytorch_lora_weights.safetensors")
+    (work / "class.safetensors").write_bytes(weights)
+    keys = load_file(work / "class.safetensors").keys()
     assert any(k.startswith("text_encoder.") for k in keys) and any(k.startswith("unet.") for k in keys)
     client = mlflow_client(mlflow_url)
     run = client.get_run(s["mlflow"]["run_id"])
@@ -159,8 +166,7 @@ def test_class_mode_with_text_encoder_lora_tracked_on_a_real_server(work, mlflow
     version = client.get_model_version("sonosynth-lora", s["mlflow"]["version"])
     assert version.run_id == run.info.run_id
     local = Path(__import__("mlflow").artifacts.download_artifacts(version.source, tracking_uri=mlflow_url))
-    assert (local / "pytorch_lora_weights.safetensors").read_bytes() == \
-        (out / "model" / "pytorch_lora_weights.safetensors").read_bytes()
+    assert (local / "pytorch_lora_weights.safetensors").read_bytes() == weights
     assert mlflow_url in proc.stdout
 
 

@@ -58,8 +58,6 @@ def add_lora(unet: torch.nn.Module, text_encoder: torch.nn.Module, cfg: LoraConf
     """Attach adapters in place; only adapter weights require grad afterwards."""
     unet.add_adapter(cfg.peft_config(cfg.unet_targets))
     if cfg.text_encoder:
-        from peft import get_peft_model  # noqa: F401  (peft must be importable for add_adapter)
-
         text_encoder.add_adapter(cfg.peft_config(cfg.text_encoder_targets))
 
 
@@ -90,3 +88,27 @@ def save_lora(folder: str | Path, unet: torch.nn.Module, text_encoder: torch.nn.
         text_encoder_lora_adapter_metadata=metadata(cfg.text_encoder_targets) if te_layers else None,
     )
     return Path(folder) / WEIGHTS_NAME
+
+
+def write_random_lora(folder: str | Path, model, *, rank: int = 8, resolution: int = 64, std: float = 0.2,
+                      seed: int = 0, prompt: str = "a photo of fetal head") -> Path:
+    """A joint-mode LoRA with random adapters, in the exact layout ``train-lora`` writes
+    (weights + lineage.json): for benchmarks and tests that need a LoRA but not a trained one."""
+    import hashlib
+    import json
+
+    from sonosynth.trainers.diffusion.models import build_components
+
+    parts = build_components(model)
+    cfg = LoraConfig(rank=rank)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        add_lora(parts.unet, parts.text_encoder, cfg)
+        with torch.no_grad():
+            for p in lora_parameters(parts.unet):
+                p.add_(torch.randn_like(p) * std)
+    weights = save_lora(folder, parts.unet, None, cfg)
+    (Path(folder) / "lineage.json").write_text(json.dumps({
+        "mode": "joint", "prompts": [prompt], "resolution": resolution, "clip_skip": model.clip_skip,
+        "base_model": model.identity(), "weights_sha256": hashlib.sha256(weights.read_bytes()).hexdigest()}))
+    return Path(folder)
