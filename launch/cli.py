@@ -31,7 +31,8 @@ app = typer.Typer(
 Recipe = Annotated[Optional[str], typer.Option("--recipe", "-r",
                                                help="YAML recipe (path, or name in configs/).")]
 Overrides = Annotated[Optional[list[str]], typer.Option(
-    "--set", help="Override any config field: --set shards.max_samples=512 (repeatable).")]
+    "--set", help="Override any config field: --set engine.max_steps=500 (repeatable; "
+                  "`sonosynth config STAGE` lists the fields).")]
 
 
 class CohortChoice(str, Enum):
@@ -253,12 +254,15 @@ def _print_generation(r: dict) -> None:
 def tracking_replay(
     folder: Annotated[str, typer.Argument(help="The job's tracking-offline folder.")],
     uri: Annotated[Optional[str], typer.Option(help="Tracking URI (default: $MLFLOW_TRACKING_URI).")] = None,
+    experiment: Annotated[str, typer.Option(
+        help="Experiment for a run that was never created (the job's own run is reused when it exists).")
+    ] = "sonosynth-train-lora",
 ) -> None:
     """Send tracking records that a job could not deliver while MLflow was down."""
     from sonosynth.infra.tracking import TrackingConfig, replay
 
     try:
-        run_id = replay(folder, TrackingConfig(uri=uri))
+        run_id = replay(folder, TrackingConfig(uri=uri), experiment=experiment)
     except (FileNotFoundError, ConnectionError) as err:
         _fail(err)
     typer.echo(f"delivered to run {run_id}")

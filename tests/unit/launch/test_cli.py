@@ -68,3 +68,8 @@ def test_demo_runs_on_the_embedded_default(tmp_path):
 def test_demo_rejects_unknown_sections(tmp_path):
     res = _run("demo", "--out", str(tmp_path / "demo"), "--set", "train_lora.engine.max_step=6")
     assert res.returncode == 2 and "did you mean 'max_steps'" in res.stderr
+
+
+def test_tracking_replay_names_a_missing_backlog(tmp_path):
+    res = _run("tracking-replay", str(tmp_path / "nothing-here"))
+    assert res.returncode == 2 and "nothing to replay" in res.stderr
