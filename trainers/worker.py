@@ -195,7 +195,8 @@ def _open_tracker(cfg, ctx: WorkerContext) -> Tracker:
 def run_steps(cfg, ctx: WorkerContext, task: TrainTask, engine, store, tracker: Tracker,
               state: dict[str, Any], start: int, total: int, n: int, bar) -> None:
     e = cfg.engine
-    loss_sum = torch.zeros(2, dtype=torch.float64)
+    # On the device: NCCL reduces only GPU tensors, and no .item() sync per micro-batch.
+    loss_sum = torch.zeros(2, dtype=torch.float64, device=ctx.device)
     t_last, step_last = time.perf_counter(), start
     for step in range(start, total):
         engine.train()
@@ -206,7 +207,8 @@ def run_steps(cfg, ctx: WorkerContext, task: TrainTask, engine, store, tracker: 
             loss = engine(task.batch(idx), generator)
             engine.backward(loss)
             engine.step()
-            loss_sum += torch.tensor([loss.detach().float().item(), 1.0], dtype=torch.float64)
+            loss_sum[0] += loss.detach().double()
+            loss_sum[1] += 1
         done = step + 1
         if bar is not None:
             bar.update(1)
