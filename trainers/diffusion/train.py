@@ -163,9 +163,15 @@ class LoraTask(TrainTask):
         parts.vae.to(ctx.device)
         self.vae_scaling = float(parts.vae.config.scaling_factor)
         self.prompts = sorted({e.prompt for e in self.examples})
+        self.prompt_row = [self.prompts.index(e.prompt) for e in self.examples]
         self.prompt_ids = self._tokenize(self.prompts)
         self.text_cache = self._encode_prompts() if cfg.cache_text else None
         self.latent_cache = self._encode_latents() if cfg.cache.latents else None
+        # What the caches replace leaves the device (about 650 MB fp32 for SD 1.5's VAE and CLIP).
+        if self.latent_cache is not None:
+            parts.vae.to("cpu")
+        if self.text_cache is not None:
+            parts.text_encoder.to("cpu")
 
     # -- caches ---------------------------------------------------------------------------
     def _tokenize(self, prompts: list[str]) -> torch.Tensor:
@@ -222,7 +228,7 @@ class LoraTask(TrainTask):
             out["latent_std"] = self.latent_cache[1][indices].to(dev)
         else:
             out["pixels"] = torch.stack([self.examples[i].pixels for i in indices]).to(dev)
-        rows = [self.prompts.index(self.examples[i].prompt) for i in indices]
+        rows = [self.prompt_row[i] for i in indices]
         if self.text_cache is not None:
             out["text_emb"] = self.text_cache[rows].to(dev)
         else:
