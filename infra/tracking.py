@@ -141,11 +141,10 @@ class Tracker:
         else:
             raise ValueError(f"unknown tracking record kind {kind!r}")
 
-    def _flush(self) -> bool:
+    def _flush(self) -> None:
         while self._backlog:
             self._send(self._backlog[0])
             self._backlog.pop(0)
-        return True
 
     def _reconnect(self) -> None:
         """While offline and due for a retry: reopen the run if needed, then send the backlog."""

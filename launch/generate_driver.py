@@ -9,7 +9,10 @@ import logging
 import time
 from typing import Any
 
+import numpy as np
+
 from sonosynth.datasets.manifest import write_manifest
+from sonosynth.datasets.records import encode_png
 from sonosynth.datasets.shards import SHARDS_DIR, ShardRecord, done_key, find_completed, shard_key
 from sonosynth.infra.config import ConfigError
 from sonosynth.infra.storage import Storage, open_storage
@@ -59,8 +62,7 @@ def _actor_count(cfg: GenerateConfig) -> tuple[int, bool]:
     return max(1, int(ray.cluster_resources().get("CPU", 1)) // cfg.cpus_per_worker), False
 
 
-def _run_tasks(cfg: GenerateConfig, plan: JobPlan, todo: list[dict], progress: bool,
-               on_done) -> float:
+def _run_tasks(cfg: GenerateConfig, plan: JobPlan, todo: list[dict], on_done) -> float:
     """Sample ``todo`` on actors; ``on_done(result)`` per finished shard. Returns seconds."""
     import ray
 
@@ -138,8 +140,7 @@ def run_generate(cfg: GenerateConfig, progress: bool = True) -> dict[str, Any]:
 
     def on_done(result: dict[str, Any]) -> None:
         record = ShardRecord(**result["record"])
-        index = next(t["shard_index"] for t in plan.tasks if t["plan"] == record.plan)
-        records[index] = record
+        records[result["shard_index"]] = record
         stats["images"] += result["images"]
         stats["sampling_s"] += result["sampling_s"]
         stats["accepted_now"] += record.num_samples
@@ -152,7 +153,7 @@ def run_generate(cfg: GenerateConfig, progress: bool = True) -> dict[str, Any]:
             bar.set_postfix(accept=f"{stats['accepted_now'] / max(stats['images'], 1):.0%}",
                             rate=f"{stats['accepted_now'] / elapsed:.2f}/s")
 
-    seconds = _run_tasks(cfg, plan, todo, progress, on_done) if todo else 0.0
+    seconds = _run_tasks(cfg, plan, todo, on_done) if todo else 0.0
     if bar is not None:
         bar.close()
     rows = [row for i in sorted(records) for row in records[i].rows]
@@ -208,11 +209,7 @@ def _track(cfg: GenerateConfig, plan: JobPlan, storage: Storage, report: dict[st
         if samples:
             sheet = contact_sheet(samples, cols=8)
             tracker.log_image(sheet, "samples_grid.png")
-            import io
-
-            buf = io.BytesIO()
-            sheet.save(buf, format="PNG")
-            storage.put_bytes("samples_grid.png", buf.getvalue())
+            storage.put_bytes("samples_grid.png", encode_png(np.asarray(sheet)))
     except Exception as err:  # noqa: BLE001 - a preview must never fail the job
         log.warning("could not draw the sample grid: %s", err)
     tracker.log_text(cfg.to_yaml(), "config.yaml")

@@ -52,7 +52,8 @@ class SamplerWorker:
         key = shard_key(shard_name(self.plan.run_id), task["shard_index"])
         done = find_completed(self.storage, done_key(key), task["plan"])
         if done is not None:
-            return {"record": done.__dict__, "images": 0, "sampling_s": 0.0, "reused": True}
+            return {"shard_index": task["shard_index"], "record": done.__dict__, "images": 0,
+                    "sampling_s": 0.0, "reused": True}
         started = time.time()
         t0 = time.perf_counter()
         with self.device_lock:
@@ -65,8 +66,8 @@ class SamplerWorker:
             record.shard, record.num_samples = key, len(samples)
             record.rows = [self._row(s, key) for s in samples]
         record.save(self.storage, done_key(key))
-        return {"record": record.__dict__, "images": images, "sampling_s": sampling_s, "reused": False,
-                "started": started, "finished": time.time()}
+        return {"shard_index": task["shard_index"], "record": record.__dict__, "images": images,
+                "sampling_s": sampling_s, "reused": False, "started": started, "finished": time.time()}
 
     def _sample(self, indices: list[int]) -> tuple[dict[int, Sample], list[dict[str, Any]], int]:
         cfg, plan = self.cfg, self.plan

@@ -4,7 +4,7 @@
 Ray Train ``TorchTrainer`` with N workers. Each worker builds the recipe's ``TrainTask``,
 wraps its module with ``deepspeed.initialize`` on the process group Ray made (ZeRO stage
 from config), restores the last complete checkpoint if there is one, and runs
-``loop.run_steps``. The data order is a pure function of (seed, step), so a resumed job
+``worker.run_steps``. The data order is a pure function of (seed, step), so a resumed job
 sees exactly the samples an uninterrupted one would.
 """
 
@@ -132,11 +132,12 @@ def ds_config(engine: EngineConfig, optim: OptimConfig, world: int, on_gpu: bool
 
 def check_output(storage, cfg: TrainStageConfig) -> bool:
     """Refuse to resume a different job into ``out``; write config.yaml. True when resuming."""
-    from sonosynth.infra.config import ConfigError, flatten
     import yaml
 
+    from sonosynth.infra.config import ConfigError, flatten
+
     if storage.exists("config.yaml"):
-        old = {k: v for k, v in flatten(yaml.safe_load(storage.get_text("config.yaml")) or {}).items()}
+        old = flatten(yaml.safe_load(storage.get_text("config.yaml")) or {})
         new = cfg.job_identity()
         old = {k: v for k, v in old.items() if k in new or k not in cfg.flat()}
         changed = sorted(k for k in set(old) | set(new) if _norm(old.get(k)) != _norm(new.get(k)))

@@ -153,12 +153,10 @@ class Sampler:
 
     @torch.no_grad()
     def _embed(self, prompt: str) -> torch.Tensor:
-        from sonosynth.trainers.diffusion.train import encode_prompt_ids
+        from sonosynth.trainers.diffusion.train import encode_prompt_ids, tokenize
 
         if prompt not in self._prompt_cache:
-            tok = self.pipe.tokenizer
-            ids = tok([prompt], padding="max_length", max_length=tok.model_max_length, truncation=True,
-                      return_tensors="pt").input_ids.to(self.device)
+            ids = tokenize(self.pipe.tokenizer, [prompt]).to(self.device)
             self._prompt_cache[prompt] = encode_prompt_ids(self.pipe.text_encoder, ids, self.clip_skip)
         return self._prompt_cache[prompt]
 

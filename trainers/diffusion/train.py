@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import model_validator
 
+from sonosynth.datasets.records import encode_png
 from sonosynth.infra.config import Config
 from sonosynth.trainers.diffusion.data import Example, LoraDataConfig, load_examples
 from sonosynth.trainers.diffusion.lora import LoraConfig, add_lora, lora_parameters, save_lora
@@ -122,6 +123,12 @@ class LoraDiffusionModule(torch.nn.Module):
         return F.mse_loss(pred.float(), target.float())
 
 
+def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
+    """Token ids padded to the tokenizer's full length, as the UNet's cross-attention expects."""
+    return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids
+
+
 def encode_prompt_ids(text_encoder, input_ids: torch.Tensor, clip_skip: int) -> torch.Tensor:
     """Prompt embeddings; clip_skip=2 takes the penultimate layer (then the final layer norm).
 
@@ -164,7 +171,7 @@ class LoraTask(TrainTask):
         self.vae_scaling = float(parts.vae.config.scaling_factor)
         self.prompts = sorted({e.prompt for e in self.examples})
         self.prompt_row = [self.prompts.index(e.prompt) for e in self.examples]
-        self.prompt_ids = self._tokenize(self.prompts)
+        self.prompt_ids = tokenize(parts.tokenizer, self.prompts)
         self.text_cache = self._encode_prompts() if cfg.cache_text else None
         self.latent_cache = self._encode_latents() if cfg.cache.latents else None
         # What the caches replace leaves the device (about 650 MB fp32 for SD 1.5's VAE and CLIP).
@@ -174,11 +181,6 @@ class LoraTask(TrainTask):
             parts.text_encoder.to("cpu")
 
     # -- caches ---------------------------------------------------------------------------
-    def _tokenize(self, prompts: list[str]) -> torch.Tensor:
-        tok = self.parts.tokenizer
-        return tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                   return_tensors="pt").input_ids
-
     @torch.no_grad()
     def _encode_prompts(self) -> torch.Tensor:
         ids = self.prompt_ids.to(self.ctx.device)
@@ -272,7 +274,7 @@ class LoraTask(TrainTask):
         if self.cfg.preview.num:
             sheet = self.preview(folder)
             tracker.log_image(sheet, "previews/final.png")
-            self.ctx.storage.put_bytes("previews/final.png", _png(sheet))
+            self.ctx.storage.put_bytes("previews/final.png", encode_png(sheet))
         return lineage
 
     def preview(self, lora_folder: Path) -> np.ndarray:
@@ -288,19 +290,10 @@ class LoraTask(TrainTask):
         prompts = [self.prompts[i % len(self.prompts)] for i in range(p.num)]
         res = self.cfg.data.resolution
         with torch.no_grad():
-            tokens = self._tokenize(prompts + [""]).to(self.ctx.device)
+            tokens = tokenize(pipe.tokenizer, prompts + [""]).to(self.ctx.device)
             emb = encode_prompt_ids(pipe.text_encoder, tokens, self.cfg.model.clip_skip)
         images = pipe(prompt_embeds=emb[:-1], negative_prompt_embeds=emb[-1:].expand(len(prompts), -1, -1),
                       height=res, width=res, num_inference_steps=p.steps, guidance_scale=p.guidance,
                       generator=torch.Generator().manual_seed(p.seed), output_type="np").images
         return grid([(im * 255).round().astype(np.uint8) for im in images])
 
-
-def _png(array: np.ndarray) -> bytes:
-    import io
-
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
-    return buf.getvalue()
