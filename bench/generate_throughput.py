@@ -49,13 +49,13 @@ def job(lora: Path, out: Path, args, workers: int) -> dict:
 
 
 def pure_loop(lora: Path, args) -> float:
-    from sonosynth.launch.generate import derive_seed
+    from sonosynth.launch.generate import sample_seed
     from sonosynth.trainers.diffusion.sampler import Sampler, SamplerConfig, SampleSpec
 
     torch.set_num_threads(1)
     sampler = Sampler(SamplerConfig(lora=str(lora), steps=args.steps, batch_size=args.batch,
                                     resolution=args.resolution))
-    specs = [SampleSpec(i, 0, derive_seed(0, i, 0), "a photo of fetal head") for i in range(args.num)]
+    specs = [SampleSpec(i, 0, sample_seed(0, i, 0), "a photo of fetal head") for i in range(args.num)]
     sampler(specs[:args.batch])  # warm-up
     t0 = time.perf_counter()
     for start in range(0, args.num, args.batch):

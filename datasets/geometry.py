@@ -14,10 +14,38 @@ from dataclasses import asdict, dataclass
 from typing import Literal
 
 import numpy as np
+from pydantic import model_validator
 from scipy import ndimage
 from skimage.measure import EllipseModel
 
+from sonosynth.infra.config import Config
+
 FillMethod = Literal["ellipse", "holes", "none"]
+
+
+class MaskRules(Config):
+    """What makes a usable filled mask: shared by ingest (annotations) and generate (QC)."""
+
+    threshold: int = 127
+    """Mask pixels above this value are foreground."""
+    min_pixels: int = 20
+    """Fewer foreground pixels than this: the mask is empty (quarantined or rejected)."""
+    max_rel_rmse: float = 0.15
+    """Ellipse-likeness: RMS distance of the outline to the fitted ellipse / minor semi-axis."""
+    min_coverage: float = 0.5
+    """Ellipse-likeness: fraction of the fitted ellipse's perimeter the outline must cover."""
+    min_axis_ratio: float = 0.2
+    """Ellipse-likeness: minor / major axis at least this (a line is not a head)."""
+
+    @model_validator(mode="after")
+    def _check_rules(self) -> "MaskRules":
+        if not 0 <= self.threshold < 255:
+            raise ValueError("threshold must be in 0..254")
+        return self
+
+    def fill_kwargs(self) -> dict:
+        """The arguments of ``fill_mask`` these rules set."""
+        return {name: getattr(self, name) for name in MaskRules.model_fields}
 
 
 class MaskError(ValueError):

@@ -17,43 +17,33 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from typing import Any
 
-import yaml
 from pydantic import field_validator
 from tqdm import tqdm
 
 from sonosynth.datasets.cohorts import Cohort, CohortConfig, InputError, SourceRecord, make_cohort
 from sonosynth.datasets.cohorts.base import DUPLICATE_KEY
-from sonosynth.datasets.geometry import FillMethod, MaskError, fill_mask
-from sonosynth.datasets.manifest import write_manifest
+from sonosynth.datasets.geometry import FillMethod, MaskError, MaskRules, fill_mask
+from sonosynth.datasets.manifest import manifest_row, write_manifest
 from sonosynth.datasets.records import Sample
 from sonosynth.datasets.shards import (
-    DONE_DIR, SHARDS_DIR, ShardRecord, done_key, find_completed, plan_hash, publish_shard, shard_key,
+    SHARDS_DIR, ShardRecord, done_key, plan_hash, publish_shard, remove_stale, shard_key, split_completed,
 )
 from sonosynth.datasets.splits import SplitConfig, assign_splits, patient_of
-from sonosynth.infra.config import Config, ConfigError
-from sonosynth.infra.storage import Storage, StorageConfig, open_storage
+from sonosynth.infra.config import Config
+from sonosynth.infra.jobdir import claim_output
+from sonosynth.infra.stage import Report
+from sonosynth.infra.storage import StorageConfig, open_storage
 
 FORMAT_VERSION = 1
 QUARANTINE = "quarantine.jsonl"
 SPLIT_REPORT = "split_report.json"
-CONFIG = "config.yaml"
 
 
-class MaskConfig(Config):
-    """How annotation masks become filled training targets."""
+class MaskConfig(MaskRules):
+    """How annotation masks become filled training targets (and which are quarantined)."""
 
     fill: FillMethod = "ellipse"
     """ellipse: fit and fill an ellipse (head/abdomen outlines); holes: fill enclosed holes; none."""
-    threshold: int = 127
-    """Mask pixels above this value are foreground."""
-    min_pixels: int = 20
-    """Masks with fewer foreground pixels are quarantined as empty_mask."""
-    max_rel_rmse: float = 0.15
-    """Ellipse fill: quarantine when the outline's RMS distance to the fit exceeds this x minor axis."""
-    min_coverage: float = 0.5
-    """Ellipse fill: quarantine when the outline covers less of the fitted perimeter."""
-    min_axis_ratio: float = 0.2
-    """Ellipse fill: quarantine when minor/major axis is below this (a line, not a head)."""
 
 
 class ShardConfig(Config):
@@ -86,9 +76,19 @@ class IngestConfig(Config):
     workers: int = 1
     """Processes that build shards in parallel."""
     mask: MaskConfig = MaskConfig()
+    """How outline annotations become filled masks, and which masks are quarantined."""
     shards: ShardConfig = ShardConfig()
+    """Shard size and name."""
     splits: SplitConfig = SplitConfig()
+    """How samples are assigned to train/val/test (patient-disjoint)."""
     storage: StorageConfig = StorageConfig()
+    """Retries and endpoint of the destination storage."""
+    progress: bool = True
+    """Show a progress bar."""
+
+    def job_identity(self) -> dict[str, Any]:
+        """What makes another ingest job: another cohort or source (anything else resumes)."""
+        return {"cohort.name": self.cohort.name, "cohort.src": self.cohort.src, "shards.name": self.shards.name}
 
 
 @dataclass
@@ -144,7 +144,7 @@ def _sample(rec: SourceRecord, cohort: Cohort, split: str, mask_cfg: MaskConfig)
     mask = None
     if raw_mask is not None:
         try:
-            mask, figures = fill_mask(raw_mask, **mask_cfg.to_dict())
+            mask, figures = fill_mask(raw_mask, fill=mask_cfg.fill, **mask_cfg.fill_kwargs())
         except MaskError as err:
             raise InputError(err.reason, f"mask {rec.mask_path or rec.key}: {err}") from None
         qc = figures.as_row()
@@ -168,7 +168,7 @@ def build_shard(task: ShardTask) -> ShardRecord:
     if samples:
         record.sha256, _ = publish_shard(storage, task.shard, samples)
         record.shard, record.num_samples = task.shard, len(samples)
-        record.rows = [{"key": s.key, "shard": task.shard, **s.meta} for s in samples]
+        record.rows = [manifest_row(s, task.shard) for s in samples]
     else:
         storage.delete(task.shard)
     record.save(storage, task.done)
@@ -183,19 +183,6 @@ def _file_stamp(path: str | None) -> Any:
         return [st.st_size, int(st.st_mtime)]
     except OSError:
         return None
-
-
-def _guard_destination(storage: Storage, cfg: IngestConfig) -> None:
-    if not storage.exists(CONFIG) or cfg.overwrite:
-        return
-    previous = yaml.safe_load(storage.get_text(CONFIG)) or {}
-    prev = previous.get("cohort", {})
-    now = cfg.cohort
-    if (prev.get("name"), prev.get("src")) != (now.name, now.src):
-        raise ConfigError(
-            f"{storage.uri} already holds an ingest of cohort {prev.get('name')!r} from "
-            f"{prev.get('src')!r}; choose another --out, or pass --set overwrite=true to replace it"
-        )
 
 
 def plan_tasks(cohort: Cohort, records: list[SourceRecord], splits: dict[str, str],
@@ -216,19 +203,12 @@ def plan_tasks(cohort: Cohort, records: list[SourceRecord], splits: dict[str, st
     return tasks
 
 
-def _remove_stale(storage: Storage, tasks: list[ShardTask], name: str) -> None:
-    planned = {t.shard for t in tasks} | {t.done for t in tasks}
-    for prefix in (f"{SHARDS_DIR}/{name}-", f"{DONE_DIR}/{name}-"):
-        for key in storage.list(prefix):
-            if key not in planned:
-                storage.delete(key)
-
-
-def run_ingest(cfg: IngestConfig, progress: bool = True) -> IngestReport:
+def run_ingest(cfg: IngestConfig, progress: bool | None = None) -> IngestReport:
+    progress = cfg.progress if progress is None else progress
     start = time.monotonic()
     storage = open_storage(cfg.out, cfg.storage)
-    _guard_destination(storage, cfg)
-    storage.put_text(CONFIG, cfg.to_yaml())
+    claim_output(storage, stage="ingest", identity=cfg.job_identity(), config_yaml=cfg.to_yaml(),
+                 overwrite=cfg.overwrite, foreign_marker=f"{SHARDS_DIR}/")
     cohort = make_cohort(cfg.cohort)
     records = sorted(cohort.records(), key=lambda r: r.key)
 
@@ -251,15 +231,9 @@ def run_ingest(cfg: IngestConfig, progress: bool = True) -> IngestReport:
     splits, split_report = assign_splits(good, cfg.splits)
     tasks = plan_tasks(cohort, good, splits, cfg)
     report = IngestReport(out=storage.uri)
-    results: list[ShardRecord] = []
-    todo = []
-    for task in tasks:
-        done = find_completed(storage, task.done, task.plan)
-        if done is not None:
-            results.append(done)
-            report.reused_shards += 1
-        else:
-            todo.append(task)
+    finished, todo = split_completed(storage, tasks, done=lambda t: t.done, plan=lambda t: t.plan)
+    results: list[ShardRecord] = list(finished.values())
+    report.reused_shards = len(finished)
 
     bar = tqdm(total=len(good), desc=f"ingest {cohort.name}", unit="img", disable=not progress,
                initial=sum(len(t.records) for t in tasks) - sum(len(t.records) for t in todo))
@@ -283,7 +257,7 @@ def run_ingest(cfg: IngestConfig, progress: bool = True) -> IngestReport:
     write_manifest(storage, rows)
     storage.put_text(QUARANTINE, "".join(json.dumps(q, sort_keys=True) + "\n" for q in quarantine))
     storage.put_text(SPLIT_REPORT, json.dumps(split_report, indent=1, sort_keys=True))
-    _remove_stale(storage, tasks, cfg.shards.name or cohort.name)
+    remove_stale(storage, cfg.shards.name or cohort.name, {t.shard for t in tasks})
 
     report.ingested = len(rows)
     report.quarantined = Counter(q["reason"] for q in quarantine)
@@ -293,3 +267,21 @@ def run_ingest(cfg: IngestConfig, progress: bool = True) -> IngestReport:
     report.leaking_patients = split_report["leaking_patients"]
     report.seconds = time.monotonic() - start
     return report
+
+
+def run(cfg: IngestConfig) -> Report:
+    """The ingest stage: fails (exit 1) when nothing was ingested, or with ``strict`` when
+    anything was quarantined; the outputs are written either way."""
+    r = run_ingest(cfg)
+    failed = None
+    if r.ingested == 0:
+        failed = "nothing was ingested; see the quarantine reasons above"
+    elif cfg.strict and r.quarantined:
+        failed = "strict is on and some inputs were quarantined"
+    out = r.out.rstrip("/")
+    return Report(
+        stage="ingest", out=r.out, text=r.summary(), failed=failed,
+        figures={"ingested": r.ingested, "quarantined": dict(r.quarantined), "shards": r.shards,
+                 "reused_shards": r.reused_shards, "splits": r.splits, "planes": r.planes,
+                 "leaking_patients": r.leaking_patients, "seconds": r.seconds},
+        outputs={"dataset": r.out, "manifest": f"{out}/manifest.parquet", "quarantine": f"{out}/{QUARANTINE}"})

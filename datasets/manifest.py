@@ -39,6 +39,11 @@ SCHEMA = pa.schema([
 COLUMNS = tuple(SCHEMA.names)
 
 
+def manifest_row(sample, shard: str) -> dict[str, Any]:
+    """The manifest row of a sample published in ``shard`` (columns not in the schema are dropped)."""
+    return {"key": sample.key, "shard": shard, **sample.meta}
+
+
 def to_table(rows: Iterable[dict[str, Any]]) -> pa.Table:
     rows = list(rows)
     return pa.Table.from_pylist([{c: r.get(c) for c in COLUMNS} for r in rows], schema=SCHEMA)

@@ -30,13 +30,21 @@ def overlay(sample: Sample, size: int = 160) -> np.ndarray:
     return np.asarray(canvas)
 
 
+def tile_images(images: list[np.ndarray], cols: int = 8) -> np.ndarray:
+    """Equal-sized HxWx3 uint8 images laid out row by row, ``cols`` per row."""
+    if not images:
+        raise ValueError("no images to tile")
+    h, w, _ = images[0].shape
+    rows = -(-len(images) // cols)
+    sheet = np.zeros((rows * h, min(cols, len(images)) * w, 3), np.uint8)
+    for i, im in enumerate(images):
+        r, c = divmod(i, cols)
+        sheet[r * h:(r + 1) * h, c * w:(c + 1) * w] = im
+    return sheet
+
+
 def contact_sheet(samples: Iterable[Sample], cols: int = 8, size: int = 160) -> Image.Image:
     tiles = [overlay(s, size) for s in samples]
     if not tiles:
         raise ValueError("no samples to show")
-    rows = -(-len(tiles) // cols)
-    sheet = np.zeros((rows * size, min(cols, len(tiles)) * size, 3), np.uint8)
-    for i, tile in enumerate(tiles):
-        r, c = divmod(i, cols)
-        sheet[r * size:(r + 1) * size, c * size:(c + 1) * size] = tile
-    return Image.fromarray(sheet)
+    return Image.fromarray(tile_images(tiles, cols))

@@ -18,12 +18,6 @@ from PIL import Image
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 
-META_FIELDS = (
-    "cohort", "source", "source_id", "patient_id", "plane", "split", "pixel_size_mm",
-    "width", "height", "has_mask",
-)
-"""Fields every meta.json carries (value null when unknown)."""
-
 
 def make_key(cohort: str, source_id: str) -> str:
     return f"{_UNSAFE.sub('_', cohort)}-{_UNSAFE.sub('_', source_id).strip('_')}"

@@ -15,7 +15,7 @@ import json
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import webdataset as wds
 
@@ -98,3 +98,27 @@ def find_completed(storage: Storage, done: str, plan: str) -> ShardRecord | None
     if record.shard is not None and not storage.exists(record.shard):
         return None
     return record
+
+
+def split_completed(storage: Storage, tasks: list[Any], *, done: Callable[[Any], str],
+                    plan: Callable[[Any], str]) -> tuple[dict[int, ShardRecord], list[Any]]:
+    """The resumable shard-task pattern's first half: ({task position: record} of tasks whose
+    completion record matches their plan, [tasks still to run])."""
+    finished: dict[int, ShardRecord] = {}
+    todo = []
+    for i, task in enumerate(tasks):
+        record = find_completed(storage, done(task), plan(task))
+        if record is not None:
+            finished[i] = record
+        else:
+            todo.append(task)
+    return finished, todo
+
+
+def remove_stale(storage: Storage, name: str, planned: set[str]) -> None:
+    """Delete shards ``name-*`` and their records that no task plans (an earlier, larger run)."""
+    keep = planned | {done_key(s) for s in planned}
+    for prefix in (f"{SHARDS_DIR}/{name}-", f"{DONE_DIR}/{name}-"):
+        for key in storage.list(prefix):
+            if key not in keep:
+                storage.delete(key)

@@ -15,34 +15,24 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import model_validator
 
-from sonosynth.datasets.geometry import MaskError, fill_mask
-from sonosynth.infra.config import Config
+from sonosynth.datasets.geometry import MaskError, MaskRules, fill_mask
 
 EMPTY, TINY, HUGE, OFF_IMAGE, NOT_ELLIPSE = "empty_mask", "mask_tiny", "mask_huge", "mask_off_image", "mask_not_ellipse"
-REJECT_REASONS = (EMPTY, TINY, HUGE, OFF_IMAGE, NOT_ELLIPSE)
-
-
-class QCConfig(Config):
+class QCConfig(MaskRules):
     """Mask extraction and the quality filter of synthetic joint-mode samples."""
 
+    threshold: int = 180
+    """Blue values above this are mask (paper A: 180)."""
+    min_axis_ratio: float = 0.3
+    """Ellipse-likeness: minor / major axis at least this (fetal heads are 0.6-0.9)."""
     image_channel: Literal["red", "red_green"] = "red"
     """Image from the red channel (paper A) or the mean of red and green."""
-    mask_threshold: int = 180
-    """Blue values above this are mask (paper A: 180)."""
-    min_pixels: int = 20
-    """Fewer mask pixels than this: rejected as empty."""
     min_area_frac: float = 0.02
     """Filled mask below this fraction of the image: rejected as tiny."""
     max_area_frac: float = 0.8
     """Filled mask above this fraction of the image: rejected as huge."""
     allow_border: bool = False
     """Accept masks that reach the image border (a head cut off by the sector edge)."""
-    max_rel_rmse: float = 0.15
-    """Ellipse-likeness: RMS distance of the outline to the fitted ellipse / minor semi-axis."""
-    min_coverage: float = 0.5
-    """Ellipse-likeness: fraction of the fitted ellipse's perimeter the mask must cover."""
-    min_axis_ratio: float = 0.3
-    """Ellipse-likeness: minor / major axis at least this (fetal heads are 0.6-0.9)."""
     enforce: bool = True
     """Reject failing samples. False keeps them (reason recorded in meta.json): for benchmarks."""
 
@@ -50,8 +40,6 @@ class QCConfig(Config):
     def _check(self) -> "QCConfig":
         if not 0 <= self.min_area_frac < self.max_area_frac <= 1:
             raise ValueError("need 0 <= min_area_frac < max_area_frac <= 1")
-        if not 0 <= self.mask_threshold < 255:
-            raise ValueError("mask_threshold must be in 0..254")
         return self
 
 
@@ -78,10 +66,7 @@ def extract_joint(rgb: np.ndarray, cfg: QCConfig) -> Extracted:
     """Image, filled mask and verdict of one joint-mode sample (HxWx3 uint8)."""
     image = gray_from_rgb(rgb, cfg.image_channel)
     try:
-        mask, figures = fill_mask(rgb[..., 2], fill="ellipse", threshold=cfg.mask_threshold,
-                                  min_pixels=cfg.min_pixels, max_rel_rmse=cfg.max_rel_rmse,
-                                  min_coverage=cfg.min_coverage, min_axis_ratio=cfg.min_axis_ratio,
-                                  keep_drawn=False)
+        mask, figures = fill_mask(rgb[..., 2], fill="ellipse", keep_drawn=False, **cfg.fill_kwargs())
     except MaskError as err:
         return Extracted(image, None, err.reason, str(err))
     qc = figures.as_row()

@@ -106,7 +106,7 @@ class Tracker:
         self._last_attempt = time.monotonic()
 
     def _keep(self, record: dict[str, Any]) -> None:
-        record = {**record, "run_id": self.run_id}
+        record = {**record, "run_id": self.run_id, "experiment": self.experiment}
         self._backlog.append(record)
         self.offline_dir.mkdir(parents=True, exist_ok=True)
         with open(self.offline_dir / OFFLINE_FILE, "a") as fh:
@@ -200,9 +200,6 @@ class Tracker:
     def log_params(self, params: dict[str, Any]) -> None:
         self._deliver({"kind": "params", "values": {k: ("null" if v is None else v) for k, v in params.items()}})
 
-    def set_tags(self, tags: dict[str, Any]) -> None:
-        self._deliver({"kind": "tags", "values": tags})
-
     def log_metrics(self, values: dict[str, float], step: int) -> None:
         self._deliver({"kind": "metrics", "values": values, "step": step, "time": time.time()})
 
@@ -273,14 +270,18 @@ class Tracker:
                             self.uri, self.offline_dir / OFFLINE_FILE, self.offline_dir)
 
 
-def replay(offline_dir: str | Path, cfg: TrackingConfig, experiment: str = "sonosynth") -> str:
-    """Send a job's undelivered tracking records; returns the run id they went to."""
+def replay(offline_dir: str | Path, cfg: TrackingConfig, experiment: str | None = None) -> str:
+    """Send a job's undelivered tracking records; returns the run id they went to.
+
+    The run and experiment come from the records themselves (the job's own run when it was
+    created before the server went away); ``experiment`` only overrides them."""
     offline_dir = Path(offline_dir)
     file = offline_dir / OFFLINE_FILE
     if not file.is_file():
         raise FileNotFoundError(f"{file} does not exist: nothing to replay")
     records = [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
     run_id = next((r["run_id"] for r in records if r.get("run_id")), None)
+    experiment = experiment or next((r["experiment"] for r in records if r.get("experiment")), "sonosynth")
     tracker = Tracker(cfg, offline_dir=offline_dir, experiment=experiment, run_id=run_id)
     if tracker.start() is None:
         raise ConnectionError(f"MLflow at {tracker.uri} is still unreachable")

@@ -23,11 +23,10 @@ from sonosynth.datasets.synthetic import QCConfig
 from sonosynth.infra.cluster import RayConfig
 from sonosynth.infra.config import Config
 from sonosynth.infra.storage import StorageConfig
+from sonosynth.infra.seeds import derive_seed
 from sonosynth.infra.tracking import TrackingConfig
 from sonosynth.trainers.diffusion.data import PAPER_A_PROMPT
 from sonosynth.trainers.diffusion.sampler import SamplerConfig, SampleSpec
-
-GENERATION_RECORD = "generation.json"
 
 
 class GenerateConfig(Config):
@@ -69,6 +68,8 @@ class GenerateConfig(Config):
     """MLflow tracking of the job."""
     storage: StorageConfig = StorageConfig()
     """Retries and endpoint of the destination storage."""
+    progress: bool = True
+    """Show a progress bar (samples, acceptance, samples/s)."""
 
     @model_validator(mode="after")
     def _check(self) -> "GenerateConfig":
@@ -83,9 +84,9 @@ class GenerateConfig(Config):
         return self
 
 
-def derive_seed(seed: int, index: int, attempt: int) -> int:
-    digest = hashlib.sha256(f"generate:{seed}:{index}:{attempt}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+def sample_seed(seed: int, index: int, attempt: int) -> int:
+    """The seed of sample ``index``'s attempt ``attempt``."""
+    return derive_seed("generate", seed, index, attempt)
 
 
 @dataclass
@@ -103,7 +104,7 @@ class JobPlan:
     def spec(self, cfg: GenerateConfig, index: int, attempt: int) -> SampleSpec:
         plane = self.planes[index % len(self.planes)] if self.mode == "class" else cfg.plane
         prompt = self.prompts[plane if self.mode == "class" else ""]
-        return SampleSpec(index, attempt, derive_seed(cfg.seed, index, attempt), prompt, plane)
+        return SampleSpec(index, attempt, sample_seed(cfg.seed, index, attempt), prompt, plane)
 
 
 def plan_job(cfg: GenerateConfig, lineage: dict[str, Any], lora_sha: str | None) -> JobPlan:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import time
@@ -13,42 +12,31 @@ import numpy as np
 
 from sonosynth.datasets.manifest import write_manifest
 from sonosynth.datasets.records import encode_png
-from sonosynth.datasets.shards import SHARDS_DIR, ShardRecord, done_key, find_completed, shard_key
-from sonosynth.infra.config import ConfigError
+from sonosynth.datasets.shards import SHARDS_DIR, ShardRecord, done_key, remove_stale, shard_key, split_completed
+from sonosynth.infra.jobdir import claim_output, offline_dir_for
+from sonosynth.infra.stage import Report, StageFailed
 from sonosynth.infra.storage import Storage, open_storage
 from sonosynth.infra.tracking import Tracker
-from sonosynth.launch.generate import GENERATION_RECORD, GenerateConfig, JobPlan, plan_job
+from sonosynth.launch.generate import GenerateConfig, JobPlan, plan_job
 from sonosynth.launch.generate_worker import ATTEMPTS_EXHAUSTED, SamplerWorker, shard_name
 
 log = logging.getLogger(__name__)
 IN_FLIGHT_PER_ACTOR = 2
 
 
-class GenerationError(RuntimeError):
+class GenerationError(StageFailed):
     """The job could not deliver; the message says what is missing and what to change."""
 
 
-def _guard(storage: Storage, cfg: GenerateConfig, plan: JobPlan) -> None:
-    if storage.exists(GENERATION_RECORD):
-        old = json.loads(storage.get_text(GENERATION_RECORD))
-        if old.get("run_id") != plan.run_id:
-            raise ConfigError(
-                f"{storage.url('')} holds generation run {old.get('run_id')} and this config makes run "
-                f"{plan.run_id} (model, LoRA, sampler, QC or seed differ); write to a new --out, or delete it")
-    elif storage.list(f"{SHARDS_DIR}/"):
-        raise ConfigError(f"{storage.url('')} already holds a dataset that no generate job wrote; use a new --out")
-    storage.put_text(GENERATION_RECORD, json.dumps({"run_id": plan.run_id, "mode": plan.mode,
-                                                    "num_samples": cfg.num_samples}))
-    storage.put_text("config.yaml", cfg.to_yaml())
+def _lora_payload(cfg: GenerateConfig) -> tuple[dict[str, bytes] | None, str | None, dict[str, Any]]:
+    """Fetch the LoRA once, here: (its files, the sha256 of its weights, its lineage)."""
+    from sonosynth.trainers.diffusion.sampler import read_lineage, resolve_lora
 
-
-def _remove_stale(storage: Storage, plan: JobPlan) -> None:
-    """Shards of an earlier, larger run of the same job (fewer samples asked now)."""
-    wanted = {shard_key(shard_name(plan.run_id), t["shard_index"]) for t in plan.tasks}
-    for key in storage.list(f"{SHARDS_DIR}/"):
-        if key not in wanted:
-            storage.delete(done_key(key))
-            storage.delete(key)
+    if not cfg.sampler.lora:
+        return None, None, {}
+    folder, sha = resolve_lora(cfg.sampler.lora, cfg.tracking.resolved_uri())
+    files = {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    return files, sha, read_lineage(folder)
 
 
 def _actor_count(cfg: GenerateConfig) -> tuple[int, bool]:
@@ -62,8 +50,13 @@ def _actor_count(cfg: GenerateConfig) -> tuple[int, bool]:
     return max(1, int(ray.cluster_resources().get("CPU", 1)) // cfg.cpus_per_worker), False
 
 
-def _run_tasks(cfg: GenerateConfig, plan: JobPlan, todo: list[dict], on_done) -> float:
-    """Sample ``todo`` on actors; ``on_done(result)`` per finished shard. Returns seconds."""
+def _run_tasks(cfg: GenerateConfig, plan: JobPlan, todo: list[dict], lora_files, lora_sha, on_done) -> float:
+    """Sample ``todo`` on actors; ``on_done(result)`` per finished shard. Returns seconds.
+
+    Retries are Ray's: an actor that dies is restarted (``max_restarts``) and the call it
+    was running is retried on it (``max_task_retries``); shard tasks are idempotent. A task
+    that still fails ends the job; re-running it resumes from the shards already written.
+    """
     import ray
 
     from sonosynth.infra.cluster import connect
@@ -76,14 +69,13 @@ def _run_tasks(cfg: GenerateConfig, plan: JobPlan, todo: list[dict], on_done) ->
         max_task_retries=cfg.max_task_retries, max_concurrency=IN_FLIGHT_PER_ACTOR)
     plan_dict = dataclasses.asdict(plan)
     plan_dict["tasks"] = []
-    uri = cfg.tracking.resolved_uri() if cfg.sampler.lora and cfg.sampler.lora.startswith(("models:/", "runs:/")) else None
-    actors = [actor_cls.remote(cfg.to_dict(), plan_dict, uri) for _ in range(n_actors)]
-    queue, in_flight, attempts = list(todo), {}, {}
+    files_ref = ray.put(lora_files)
+    actors = [actor_cls.remote(cfg.to_dict(), plan_dict, files_ref, lora_sha) for _ in range(n_actors)]
+    queue, in_flight = list(todo), {}
     t0 = time.perf_counter()
 
     def submit(actor) -> None:
         task = queue.pop(0)
-        attempts[task["shard_index"]] = attempts.get(task["shard_index"], 0) + 1
         in_flight[actor.run_shard.remote(task)] = (actor, task)
 
     for actor in actors:
@@ -96,39 +88,26 @@ def _run_tasks(cfg: GenerateConfig, plan: JobPlan, todo: list[dict], on_done) ->
         try:
             result = ray.get(ready[0])
         except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as err:
-            if attempts[task["shard_index"]] > cfg.max_task_retries + 1:
-                raise GenerationError(f"shard {task['shard_index']} failed {attempts[task['shard_index']]} "
-                                      f"times; last error: {err}") from err
-            log.warning("shard %d failed (%s); handing it out again", task["shard_index"], type(err).__name__)
-            queue.insert(0, task)
-            alive = [a for a in actors if a is not actor] or actors
-            submit(alive[len(in_flight) % len(alive)])
-            continue
+            raise GenerationError(f"shard {task['shard_index']} failed after Ray's retries ({err}); "
+                                  f"re-running the same command resumes from the shards already written") from err
         on_done(result)
         if queue:
             submit(actor)
     return time.perf_counter() - t0
 
 
-def run_generate(cfg: GenerateConfig, progress: bool = True) -> dict[str, Any]:
-    from sonosynth.trainers.diffusion.lora import WEIGHTS_NAME
-    from sonosynth.trainers.diffusion.sampler import fetch_lora, read_lineage
-
+def run_generate(cfg: GenerateConfig, progress: bool | None = None) -> dict[str, Any]:
+    progress = cfg.progress if progress is None else progress
     storage = open_storage(cfg.out, cfg.storage)
-    lora_dir = fetch_lora(cfg.sampler.lora, cfg.tracking.resolved_uri()) if cfg.sampler.lora else None
-    lineage = read_lineage(lora_dir)
-    lora_sha = hashlib.sha256((lora_dir / WEIGHTS_NAME).read_bytes()).hexdigest() if lora_dir else None
+    lora_files, lora_sha, lineage = _lora_payload(cfg)
     plan = plan_job(cfg, lineage, lora_sha)
-    _guard(storage, cfg, plan)
-    _remove_stale(storage, plan)
-    records: dict[int, ShardRecord] = {}
-    todo = []
-    for task in plan.tasks:
-        done = find_completed(storage, done_key(shard_key(shard_name(plan.run_id), task["shard_index"])), task["plan"])
-        if done is not None:
-            records[task["shard_index"]] = done
-        else:
-            todo.append(task)
+    claim_output(storage, stage="generate", identity={"run_id": plan.run_id}, config_yaml=cfg.to_yaml(),
+                 foreign_marker=f"{SHARDS_DIR}/")
+    name = shard_name(plan.run_id)
+    remove_stale(storage, name, {shard_key(name, t["shard_index"]) for t in plan.tasks})
+    finished, todo = split_completed(storage, plan.tasks, plan=lambda t: t["plan"],
+                                     done=lambda t: done_key(shard_key(name, t["shard_index"])))
+    records: dict[int, ShardRecord] = {plan.tasks[i]["shard_index"]: r for i, r in finished.items()}
     stats = {"images": 0, "sampling_s": 0.0, "accepted_now": 0, "first": None, "last": None}
     bar = None
     if progress and todo:
@@ -153,7 +132,7 @@ def run_generate(cfg: GenerateConfig, progress: bool = True) -> dict[str, Any]:
             bar.set_postfix(accept=f"{stats['accepted_now'] / max(stats['images'], 1):.0%}",
                             rate=f"{stats['accepted_now'] / elapsed:.2f}/s")
 
-    seconds = _run_tasks(cfg, plan, todo, on_done) if todo else 0.0
+    seconds = _run_tasks(cfg, plan, todo, lora_files, lora_sha, on_done) if todo else 0.0
     if bar is not None:
         bar.close()
     rows = [row for i in sorted(records) for row in records[i].rows]
@@ -192,8 +171,7 @@ def _track(cfg: GenerateConfig, plan: JobPlan, storage: Storage, report: dict[st
     from sonosynth.datasets.preview import contact_sheet
     from sonosynth.datasets.reader import DatasetReader
 
-    tracker = Tracker(cfg.tracking, experiment="sonosynth-generate",
-                      offline_dir=None if "://" in cfg.out else f"{cfg.out}/tracking-offline")
+    tracker = Tracker(cfg.tracking, experiment="sonosynth-generate", offline_dir=offline_dir_for(cfg.out))
     tracker.start(tags={"sonosynth.stage": "generate", "sonosynth.out": cfg.out,
                         "sonosynth.generation_run": plan.run_id})
     tracker.log_params({**cfg.flat(), "plan.run_id": plan.run_id, "plan.mode": plan.mode})
@@ -216,3 +194,19 @@ def _track(cfg: GenerateConfig, plan: JobPlan, storage: Storage, report: dict[st
     tracker.log_text(json.dumps(report, indent=1, default=str), "summary.json")
     tracker.close("FINISHED")
     return {"uri": tracker.uri if tracker.enabled else None, "run_id": tracker.run_id, "offline": tracker.offline}
+
+
+def run(cfg: GenerateConfig) -> Report:
+    """The generate stage (raises GenerationError, exit 1, when it cannot deliver N samples)."""
+    r = run_generate(cfg)
+    rate = f"{r['acceptance_rate']:.0%}" if r["acceptance_rate"] is not None else "n/a"
+    lines = [f"generated {r['accepted']}/{r['requested']} samples (run {r['run_id']}, {r['mode']} mode) "
+             f"in {r['shards']} shards; {r['shards_reused']} shards were already complete",
+             f"  acceptance {rate}; rejected: {r['rejected_by_reason'] or 'none'}"]
+    if r.get("steady_samples_per_s"):
+        lines.append(f"  {r['steady_samples_per_s']:.2f} accepted samples/s while sampling "
+                     f"({r['samples_per_s']:.2f}/s over {r['seconds']:.1f} s including model loading)")
+    out = r["out"].rstrip("/")
+    return Report(stage="generate", out=r["out"], text="\n".join(lines),
+                  figures={k: v for k, v in r.items() if k != "mlflow"},
+                  outputs={"dataset": r["out"], "grid": f"{out}/samples_grid.png"}, tracking=r.get("mlflow") or {})

@@ -9,11 +9,15 @@ is returned as is, and a re-run shard is the same samples under the same name.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import threading
 import time
 from collections import deque
+from pathlib import Path
 from typing import Any
 
+from sonosynth.datasets.manifest import manifest_row
 from sonosynth.datasets.records import Sample, synthetic_key
 from sonosynth.datasets.shards import ShardRecord, done_key, find_completed, publish_shard, shard_key
 from sonosynth.datasets.synthetic import extract
@@ -27,8 +31,31 @@ def shard_name(run_id: str) -> str:
     return f"syn-{run_id}"
 
 
+def materialize_lora(files: dict[str, bytes] | None, sha256: str | None) -> Path | None:
+    """The LoRA the driver fetched and hashed, written once per node into a folder named by
+    its hash (reused by every actor and later job on that node, never downloaded again)."""
+    if not files:
+        return None
+    folder = Path(tempfile.gettempdir()) / "sonosynth-lora" / sha256
+    if not folder.is_dir():
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{sha256[:12]}-", dir=folder.parent))
+        for name, data in files.items():
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            (tmp / name).write_bytes(data)
+        try:
+            tmp.rename(folder)
+        except OSError:  # another actor on this node won the race: its copy is identical
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
 class SamplerWorker:
-    def __init__(self, cfg: dict[str, Any], plan: dict[str, Any], tracking_uri: str | None = None):
+    """A Ray actor (``ray.remote(SamplerWorker)``): loads the model in ``__init__``, samples one
+    shard per ``run_shard`` call."""
+
+    def __init__(self, cfg: dict[str, Any], plan: dict[str, Any], lora_files: dict[str, bytes] | None = None,
+                 lora_sha256: str | None = None):
         import torch
 
         from sonosynth.trainers.diffusion.sampler import Sampler
@@ -37,7 +64,8 @@ class SamplerWorker:
         self.plan = JobPlan(**plan)
         if not torch.cuda.is_available():
             torch.set_num_threads(self.cfg.cpus_per_worker)
-        self.sampler = Sampler(self.cfg.sampler, tracking_uri)
+        self.sampler = Sampler(self.cfg.sampler, lora_dir=materialize_lora(lora_files, lora_sha256),
+                               lora_sha256=lora_sha256)
         self.storage = open_storage(self.cfg.out, self.cfg.storage)
         self.device_lock = threading.Lock()
         self.lineage = {"base_model": self.cfg.sampler.model.identity(), **self.sampler.lora_identity(),
@@ -64,7 +92,7 @@ class SamplerWorker:
         if samples:
             record.sha256, _ = publish_shard(self.storage, key, samples)
             record.shard, record.num_samples = key, len(samples)
-            record.rows = [self._row(s, key) for s in samples]
+            record.rows = [manifest_row(s, key) for s in samples]
         record.save(self.storage, done_key(key))
         return {"shard_index": task["shard_index"], "record": record.__dict__, "images": images,
                 "sampling_s": sampling_s, "reused": False, "started": started, "finished": time.time()}
@@ -101,11 +129,3 @@ class SamplerWorker:
             "attempt": spec.attempt, "index": spec.index, "qc_reason": ex.reason, **ex.qc,
         }
         return Sample(synthetic_key(self.plan.run_id, spec.index), ex.image, ex.mask, meta)
-
-    @staticmethod
-    def _row(sample: Sample, shard: str) -> dict[str, Any]:
-        m = sample.meta
-        row = {k: m.get(k) for k in ("cohort", "source", "source_id", "patient_id", "plane", "split",
-                                     "has_mask", "width", "height", "pixel_size_mm")}
-        row.update({k: v for k, v in m.items() if k.startswith("qc_") and k != "qc_reason"})
-        return {**row, "key": sample.key, "shard": shard}

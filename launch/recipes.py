@@ -8,18 +8,36 @@ from typing import Any, Iterable, TypeVar
 from sonosynth.infra.config import Config, ConfigError, apply_overrides, build, load_yaml, merge
 
 C = TypeVar("C", bound=Config)
-REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def packaged_recipes() -> Path | None:
+    """The recipes installed with the package (the repo's configs/ in an editable install)."""
+    from importlib import resources
+
+    try:
+        folder = resources.files("sonosynth.configs")
+    except ModuleNotFoundError:
+        return None
+    path = Path(str(folder))
+    return path if path.is_dir() else None
+
+
+def recipe_names() -> list[str]:
+    folder = packaged_recipes()
+    return sorted(p.stem for p in folder.glob("*.yaml")) if folder else []
 
 
 def find_recipe(name_or_path: str) -> Path:
     path = Path(name_or_path)
     if path.is_file():
         return path
-    for folder in (Path.cwd() / "configs", REPO_CONFIGS):
+    for folder in (Path.cwd() / "configs", packaged_recipes()):
+        if folder is None:
+            continue
         for candidate in (folder / name_or_path, folder / f"{name_or_path}.yaml"):
             if candidate.is_file():
                 return candidate
-    known = sorted(p.stem for p in REPO_CONFIGS.glob("*.yaml")) if REPO_CONFIGS.is_dir() else []
+    known = recipe_names()
     raise ConfigError(f"no recipe {name_or_path!r}: pass a YAML path or one of {', '.join(known) or '(none)'}")
 
 

@@ -5,21 +5,28 @@ Each rank saves its own DeepSpeed files to a local temp folder and uploads them 
 checkpoint without it (a job killed while saving) is ignored and later removed. Only
 trainable weights are saved (``exclude_frozen_parameters``): a LoRA checkpoint of SD 1.5
 is megabytes, not gigabytes.
+
+The best evaluation so far (``engine.best_metric``) keeps its trainable weights (and buffers)
+in ``best/step-<8 digits>.pt``: the engine exports them as the job's model at the end. A
+best file is kept while the current best or a kept checkpoint refers to it.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import tempfile
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
 from sonosynth.infra.storage import Storage
 
 PREFIX = "checkpoints"
 COMPLETE = "_COMPLETE.json"
+BEST = "best"
 
 
 class CheckpointError(RuntimeError):
@@ -28,6 +35,16 @@ class CheckpointError(RuntimeError):
 
 def tag_for(step: int) -> str:
     return f"step-{step:08d}"
+
+
+def best_key(step: int) -> str:
+    return f"{BEST}/{tag_for(step)}.pt"
+
+
+def trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The module's state minus its frozen parameters (what a checkpoint keeps), on the CPU."""
+    frozen = {name for name, p in module.named_parameters() if not p.requires_grad}
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items() if k not in frozen}
 
 
 class CheckpointStore:
@@ -89,3 +106,41 @@ class CheckpointStore:
         if path is None:
             raise CheckpointError(f"DeepSpeed could not load {self.storage.url(f'{PREFIX}/{tag}')}")
         return client_state or {}
+
+    # -- the best evaluation's weights ----------------------------------------------------------
+    def save_best(self, module: torch.nn.Module, step: int) -> str:
+        """Rank 0: keep the trainable weights of ``step``; returns their key."""
+        key = best_key(step)
+        with tempfile.TemporaryDirectory(prefix="sonosynth-best-") as tmp:
+            path = Path(tmp) / "weights.pt"
+            torch.save(trainable_state(module), path)
+            self.storage.put_file(key, path)
+        return key
+
+    def load_best(self, module: torch.nn.Module, step: int) -> None:
+        """Put the weights kept for ``step`` back into ``module``."""
+        key = best_key(step)
+        if not self.storage.exists(key):
+            raise CheckpointError(f"{self.storage.url(key)} (the best evaluation's weights) is missing; "
+                                  f"start over in a new --set out=..., or set engine.best_metric=null")
+        state = torch.load(io.BytesIO(self.storage.get_bytes(key)), map_location="cpu", weights_only=True)
+        result = module.load_state_dict(state, strict=False)
+        if result.unexpected_keys:
+            raise CheckpointError(f"{self.storage.url(key)} holds weights this model does not have "
+                                  f"({', '.join(result.unexpected_keys[:4])} ...)")
+
+    def prune_best(self, keep_steps: set[int]) -> None:
+        """Delete kept best weights except those of ``keep_steps``."""
+        keep = {best_key(s) for s in keep_steps}
+        for key in self.storage.list(f"{BEST}/"):
+            if key not in keep:
+                self.storage.delete(key)
+
+    def best_steps_in_use(self) -> set[int]:
+        """Steps whose best weights a complete checkpoint refers to (a resume may need them)."""
+        steps = set()
+        for record in self.completed():
+            best = (record.get("state") or {}).get("best")
+            if best:
+                steps.add(int(best["step"]))
+        return steps

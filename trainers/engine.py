@@ -1,203 +1,596 @@
-"""The distributed training engine shared by the LoRA, SAM and classifier recipes.
+"""The training engine: what runs on every rank, for every task (LoRA, SAM, classifier).
 
-``train(cfg)`` runs on the driver: it checks the output folder, joins Ray, and starts a
-Ray Train ``TorchTrainer`` with N workers. Each worker builds the recipe's ``TrainTask``,
-wraps its module with ``deepspeed.initialize`` on the process group Ray made (ZeRO stage
-from config), restores the last complete checkpoint if there is one, and runs
-``worker.run_steps``. The data order is a pure function of (seed, step), so a resumed job
-sees exactly the samples an uninterrupted one would.
+``launcher.train(cfg)`` starts N Ray Train workers; each calls ``train_worker``, which builds
+the job's ``TrainTask`` and hands it to ``run``. ``run`` wraps the task's module with
+``deepspeed.initialize`` on the process group Ray made, restores the last complete
+checkpoint, builds the DataLoaders from the task's datasets, and runs the steps:
+
+- data order: each rank's micro-batch indices are a pure function of (seed, step, micro,
+  rank) (a seeded permutation per epoch), and every example is loaded with the global RNGs
+  seeded from the same key, so a resumed job sees exactly the batches (augmentation
+  included) an uninterrupted one would;
+- noise: ``forward(batch, generator)`` gets a generator seeded per (seed, step, micro,
+  rank), and the global torch RNG (dropout) is seeded per micro-batch too;
+- metrics: the loss and the metrics ``forward`` returns are summed on the device and
+  averaged across ranks (one all_reduce) every ``log_every`` steps;
+- evaluation: every rank evaluates its share of the validation set at the start, every
+  ``eval_every`` steps (default: at checkpoints) and at the end; sums and counts are
+  all-reduced; the best evaluation by ``best_metric`` keeps its weights;
+- checkpoints every ``checkpoint_every`` steps; at the end rank 0 exports the best (or the
+  last) weights through the task, logs config, lineage and summary, and registers the model.
 """
 
 from __future__ import annotations
 
-import hashlib
+import json
 import math
-from typing import Any, ClassVar, Literal
+import os
+import random
+import resource
+import tempfile
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Iterator, Mapping
 
-from pydantic import model_validator
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
-from sonosynth.infra.cluster import RayConfig
-from sonosynth.infra.config import Config
-from sonosynth.infra.storage import StorageConfig
-from sonosynth.infra.tracking import TrackingConfig
-from sonosynth.trainers.optim import OptimConfig
+from sonosynth.infra.config import ConfigError
+from sonosynth.infra.jobdir import offline_dir_for
+from sonosynth.infra.seeds import derive_seed
+from sonosynth.infra.storage import Storage, open_storage
+from sonosynth.infra.tracking import Tracker
 
-
-class EngineConfig(Config):
-    """Workers, precision, ZeRO, batch, step count, checkpoints and logging of a training job."""
-
-    workers: int = 2
-    """Ray Train workers (ranks): one per GPU on a GPU cluster, or CPU processes."""
-    device: Literal["auto", "cpu", "gpu"] = "auto"
-    """'auto' trains on GPUs when the Ray cluster has them, else on CPU (gloo)."""
-    cpus_per_worker: int = 1
-    """CPUs reserved per worker (also its torch thread count on CPU)."""
-    zero_stage: Literal[0, 1, 2] = 2
-    """DeepSpeed ZeRO stage: 1 shards optimizer state, 2 also gradients."""
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    """'auto': bf16 on GPUs that support it, else fp16 on GPU; fp32 on CPU."""
-    micro_batch: int = 1
-    """Examples per worker per forward pass (both papers: 1)."""
-    grad_accum: int = 1
-    """Micro-batches accumulated per optimizer step; global batch = workers x micro_batch x this."""
-    max_steps: int | None = None
-    """Optimizer steps to train for (give this or epochs)."""
-    epochs: float | None = None
-    """Passes over the training examples; converted to steps (paper A: 100 over 24 images)."""
-    seed: int = 0
-    """Seed of the data order, the noise and the timesteps (FU-LoRA: 1234)."""
-    checkpoint_every: int = 500
-    """Save a resumable checkpoint every this many steps (and always at the end)."""
-    keep_checkpoints: int = 2
-    """Complete checkpoints kept; older ones are deleted."""
-    log_every: int = 10
-    """Log training metrics every this many steps."""
-    max_failures: int = 1
-    """Worker-group restarts Ray Train makes after a failure (each resumes from the last checkpoint)."""
-    progress: bool = True
-    """Show a progress bar (rank 0)."""
-
-    @model_validator(mode="after")
-    def _check(self) -> "EngineConfig":
-        if (self.max_steps is None) == (self.epochs is None):
-            raise ValueError("give exactly one of engine.max_steps or engine.epochs")
-        for name in ("workers", "cpus_per_worker", "micro_batch", "grad_accum", "checkpoint_every", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"engine.{name} must be at least 1")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError("engine.max_steps must be at least 1")
-        return self
-
-    def global_batch(self) -> int:
-        return self.workers * self.micro_batch * self.grad_accum
-
-    def total_steps(self, num_examples: int) -> int:
-        if self.max_steps is not None:
-            return self.max_steps
-        return max(1, math.ceil(self.epochs * num_examples / self.global_batch()))
+TRACKING_RECORD = "tracking.json"
+SUMMARY = "summary.json"
 
 
-class TrainStageConfig(Config):
-    """What every training stage has: output, engine, optimizer, tracking, cluster."""
+@dataclass
+class WorkerContext:
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+    storage: Storage
+    step: int = 0
+    """While training: the 0-based step being trained; while evaluating: the steps done (the
+    step the evaluation's metrics are logged at)."""
 
-    task_class: ClassVar[str] = ""
-    """Import path of the stage's ``TrainTask`` (module:Class)."""
-    experiment: ClassVar[str] = "sonosynth"
-    registered_model: ClassVar[str] = ""
-    resumable_changes: ClassVar[tuple[str, ...]] = (
-        "engine.max_steps", "engine.epochs", "engine.max_failures", "engine.progress",
-        "engine.checkpoint_every", "engine.keep_checkpoints", "engine.log_every",
-        "tracking.", "ray.", "storage.", "out",
-    )
-    """Fields a resumed job may change; any other difference means a different job."""
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
 
-    out: str
-    """Output folder or s3:// prefix: checkpoints, the exported model, config.yaml, summary.json."""
-    engine: EngineConfig = EngineConfig(max_steps=100)
-    """Distributed training engine."""
-    optim: OptimConfig = OptimConfig()
-    """Optimizer and schedule."""
-    tracking: TrackingConfig = TrackingConfig()
-    """MLflow tracking and registration."""
-    ray: RayConfig = RayConfig()
-    """Ray cluster to run on."""
-    storage: StorageConfig = StorageConfig()
-    """Retries and endpoint of the output storage."""
+    def barrier(self) -> None:
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
 
-    def job_identity(self) -> dict[str, Any]:
-        """The flattened config minus the fields a resumed job may change."""
-        return {k: v for k, v in self.flat().items()
-                if not any(k == f or (f.endswith(".") and k.startswith(f)) for f in self.resumable_changes)}
+    def all_gather(self, obj: Any) -> list[Any]:
+        if not torch.distributed.is_initialized() or self.world == 1:
+            return [obj]
+        out: list[Any] = [None] * self.world
+        torch.distributed.all_gather_object(out, obj)
+        return out
 
-
-def ds_config(engine: EngineConfig, optim: OptimConfig, world: int, on_gpu: bool, bf16_ok: bool) -> dict:
-    precision = engine.precision
-    if precision == "auto":
-        precision = ("bf16" if bf16_ok else "fp16") if on_gpu else "fp32"
-    cfg: dict[str, Any] = {
-        "train_micro_batch_size_per_gpu": engine.micro_batch,
-        "gradient_accumulation_steps": engine.grad_accum,
-        "train_batch_size": engine.micro_batch * engine.grad_accum * world,
-        "zero_optimization": {"stage": engine.zero_stage},
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-        "bf16": {"enabled": precision == "bf16"},
-        "fp16": {"enabled": precision == "fp16", "initial_scale_power": 16},
-    }
-    if optim.grad_clip:
-        cfg["gradient_clipping"] = optim.grad_clip
-    return cfg
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum ``tensor`` across ranks in place (a device tensor: NCCL reduces only GPU tensors)."""
+        if torch.distributed.is_initialized() and self.world > 1:
+            torch.distributed.all_reduce(tensor)
+        return tensor
 
 
-def check_output(storage, cfg: TrainStageConfig) -> bool:
-    """Refuse to resume a different job into ``out``; write config.yaml. True when resuming."""
-    import yaml
+class TrainTask:
+    """One recipe family's model, data, loss and export, built on every rank from the stage config.
 
-    from sonosynth.infra.config import ConfigError, flatten
+    The engine calls, in order: ``train_dataset()``, ``eval_dataset()``, ``module()``,
+    ``param_groups(module)``, then (rank 0, fresh job) ``on_start(tracker)``, then per
+    micro-batch ``module.forward(batch, generator)`` where ``batch = collate(items)`` moved to
+    the device, per evaluation batch ``eval_step(module, batch)``, and (rank 0) at the end
+    ``export(module, folder, tracker)``. ``docs/architecture.md`` walks through a toy task.
+    """
 
-    if storage.exists("config.yaml"):
-        old = flatten(yaml.safe_load(storage.get_text("config.yaml")) or {})
-        new = cfg.job_identity()
-        old = {k: v for k, v in old.items() if k in new or k not in cfg.flat()}
-        changed = sorted(k for k in set(old) | set(new) if _norm(old.get(k)) != _norm(new.get(k)))
-        if changed:
-            raise ConfigError(
-                f"{storage.url('')} holds a job with a different config ({', '.join(changed[:6])}"
-                f"{' ...' if len(changed) > 6 else ''} differ); write to a new --set out=..., or delete "
-                f"that folder to start over")
-        resuming = True
-    else:
-        resuming = False
-    storage.put_text("config.yaml", cfg.to_yaml())
-    return resuming
+    def __init__(self, cfg, ctx: WorkerContext):
+        self.cfg, self.ctx = cfg, ctx
+
+    def train_dataset(self) -> Dataset:
+        """Map-style training examples (``len`` and ``[i]``). Draw augmentation from the global
+        random/numpy/torch RNGs: the engine seeds them per example."""
+        raise NotImplementedError
+
+    def eval_dataset(self) -> Dataset | None:
+        """The validation split (never test: the best checkpoint is chosen on it); None: no evaluation."""
+        return None
+
+    def collate(self, items: list[Any]) -> Any:
+        """Examples -> one batch (dicts, lists and tuples of tensors are moved to the device)."""
+        return default_collate(items)
+
+    def module(self) -> torch.nn.Module:
+        """The nn.Module DeepSpeed wraps. ``forward(batch, generator)`` returns the scalar loss, or
+        (loss, {name: scalar}) whose metrics are averaged across ranks and logged as train/<name>.
+        All randomness comes from ``generator`` (or the global torch RNG, seeded per micro-batch)."""
+        raise NotImplementedError
+
+    def param_groups(self, module: torch.nn.Module) -> list[dict]:
+        """Optimizer groups; a group may carry its own ``lr``. Default: every trainable parameter."""
+        return [{"params": [p for p in module.parameters() if p.requires_grad]}]
+
+    def eval_step(self, module: torch.nn.Module, batch: Any) -> dict[str, Any]:
+        """Metrics of one evaluation batch (no grad, module in eval mode): ``name: (sum, count)`` is
+        averaged (sum of sums / sum of counts over every batch of every rank); ``name: value`` is
+        summed. Name them by split, e.g. ``val/dice``."""
+        raise NotImplementedError(f"{type(self).__name__} has an eval_dataset but no eval_step")
+
+    def on_start(self, tracker: Tracker) -> None:
+        """Log what the model will see (rank 0, once per job)."""
+
+    def export(self, module: torch.nn.Module, folder: Path, tracker: Tracker) -> dict[str, Any]:
+        """Write the job's model into ``folder`` (rank 0); returns its lineage (the engine writes it
+        to ``folder/lineage.json``, MLflow and summary.json, and adds ``config.yaml``)."""
+        raise NotImplementedError
 
 
-def _norm(value: Any) -> Any:
-    return list(value) if isinstance(value, tuple) else value
+# -- data order ---------------------------------------------------------------------------------
+
+@lru_cache(maxsize=8)
+def _permutation(n: int, seed: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(n)
 
 
-def train(cfg: TrainStageConfig) -> dict[str, Any]:
-    """Run (or resume) the training job described by ``cfg``; returns its summary.json."""
-    import json
+def example_indices(n: int, seed: int, *, step: int, micro: int, rank: int, world: int,
+                    micro_batch: int, grad_accum: int) -> list[int]:
+    """The examples of one rank's micro-batch: a seeded permutation per epoch, read in order."""
+    start = ((step * grad_accum + micro) * world + rank) * micro_batch
+    return [int(_permutation(n, seed, p // n)[p % n]) for p in range(start, start + micro_batch)]
 
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
 
-    from sonosynth.infra.cluster import cluster_gpus, connect
-    from sonosynth.infra.storage import open_storage
-    from sonosynth.trainers.worker import SUMMARY, job_fingerprint, train_worker
+def noise_seed(seed: int, step: int, micro: int, rank: int) -> int:
+    return derive_seed(seed, step, micro, rank)
 
-    storage = open_storage(cfg.out, cfg.storage)
-    check_output(storage, cfg)
-    if storage.exists(SUMMARY):
-        summary = json.loads(storage.get_text(SUMMARY))
-        if summary.get("job") == job_fingerprint(cfg):
-            return {**summary, "already_complete": True}
-    connect(cfg.ray)
-    gpus = cluster_gpus()
-    if cfg.engine.device == "gpu" and gpus < cfg.engine.workers:
-        raise RuntimeError(f"engine.device=gpu needs {cfg.engine.workers} GPUs and the Ray cluster has "
-                           f"{gpus}; lower engine.workers or use engine.device=auto")
-    use_gpu = cfg.engine.device == "gpu" or (cfg.engine.device == "auto" and gpus >= cfg.engine.workers)
-    resources = {"CPU": cfg.engine.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
-    trainer = TorchTrainer(
-        train_worker,
-        train_loop_config={"config_class": f"{type(cfg).__module__}:{type(cfg).__name__}",
-                           "config": cfg.to_dict()},
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.engine.workers, use_gpu=use_gpu,
-                                               resources_per_worker=resources),
-        run_config=ray.train.RunConfig(
-            name=f"{cfg.experiment}-{hashlib.sha1(cfg.out.encode()).hexdigest()[:10]}",
-            failure_config=ray.train.FailureConfig(max_failures=cfg.engine.max_failures)),
-    )
+
+class StepBatches(Sampler):
+    """Batch sampler of one rank: its micro-batches from step ``start`` to ``total``.
+
+    Each batch is a list of (example index, example seed) keys, a pure function of (seed,
+    step, micro, rank): a resumed job gets exactly the batches the uninterrupted job would."""
+
+    def __init__(self, n: int, seed: int, *, start: int, total: int, rank: int, world: int,
+                 micro_batch: int, grad_accum: int):
+        self.n, self.seed, self.start, self.total = n, seed, start, total
+        self.rank, self.world, self.micro_batch, self.grad_accum = rank, world, micro_batch, grad_accum
+
+    def __len__(self) -> int:
+        return max(0, self.total - self.start) * self.grad_accum
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for step in range(self.start, self.total):
+            for micro in range(self.grad_accum):
+                idx = example_indices(self.n, self.seed, step=step, micro=micro, rank=self.rank, world=self.world,
+                                      micro_batch=self.micro_batch, grad_accum=self.grad_accum)
+                yield [(i, derive_seed(self.seed, "example", step, micro, self.rank, k)) for k, i in enumerate(idx)]
+
+
+class ShareBatches(Sampler):
+    """Batch sampler of one rank's share of an evaluation set (examples rank, rank + world, ...),
+    each example with a fixed seed: every evaluation sees the same inputs."""
+
+    def __init__(self, n: int, seed: int, *, rank: int, world: int, batch: int):
+        self.keys = [(i, derive_seed(seed, "eval", i)) for i in range(rank, n, world)]
+        self.batch = batch
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.keys) / self.batch)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for i in range(0, len(self.keys), self.batch):
+            yield self.keys[i:i + self.batch]
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, numpy's and torch's (CPU) global RNGs."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.random.default_generator.manual_seed(seed)
+
+
+class SeededExamples(Dataset):
+    """``dataset[i]`` with the global RNGs seeded from the key's seed, in whichever process loads it."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        index, seed = key
+        seed_everything(seed)
+        return self.dataset[index]
+
+
+def make_loader(dataset: Dataset, batches: Sampler, collate, *, workers: int, prefetch: int, pin: bool,
+                persistent: bool = False) -> DataLoader:
+    kwargs: dict[str, Any] = {}
+    if workers > 0:
+        kwargs.update(prefetch_factor=prefetch, persistent_workers=persistent)
+    return DataLoader(SeededExamples(dataset), batch_sampler=batches, collate_fn=collate, num_workers=workers,
+                      pin_memory=pin, **kwargs)
+
+
+def to_device(obj: Any, device: torch.device, non_blocking: bool = False) -> Any:
+    """Tensors in (nested) dicts, lists and tuples moved to ``device``; anything else as is."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=non_blocking)
+    if isinstance(obj, Mapping):
+        return {k: to_device(v, device, non_blocking) for k, v in obj.items()}
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
+        return type(obj)(*(to_device(v, device, non_blocking) for v in obj))
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_device(v, device, non_blocking) for v in obj)
+    return obj
+
+
+# -- metrics ------------------------------------------------------------------------------------
+
+def split_output(out: Any) -> tuple[torch.Tensor, dict[str, Any]]:
+    """``forward``'s result as (loss, metrics)."""
+    if isinstance(out, torch.Tensor):
+        return out, {}
+    if isinstance(out, (tuple, list)) and len(out) == 2 and isinstance(out[1], Mapping):
+        return out[0], dict(out[1])
+    raise TypeError(f"forward(batch, generator) must return the loss or (loss, {{name: value}}), "
+                    f"not {type(out).__name__}")
+
+
+def _scalar(value: Any, device: torch.device) -> torch.Tensor:
+    """A number or one-element tensor as a float64 scalar on ``device`` (no host sync)."""
+    return torch.as_tensor(value).detach().to(device, torch.float64).reshape(())
+
+
+class TrainMeter:
+    """Loss and metrics summed on the device between log steps; one all_reduce averages them."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.names: list[str] | None = None
+        self.sums: torch.Tensor | None = None
+        self.count = 0
+
+    def add(self, loss: torch.Tensor, metrics: dict[str, Any]) -> None:
+        names = sorted(metrics)
+        if self.names is None:
+            self.names = names
+        elif names != self.names:
+            raise ValueError(f"forward returned metrics {names} after {self.names}; return the same names "
+                             f"on every micro-batch and rank")
+        row = torch.stack([_scalar(loss, self.device)] + [_scalar(metrics[k], self.device) for k in names])
+        self.sums = row if self.sums is None else self.sums + row
+        self.count += 1
+
+    def reduce(self, ctx: WorkerContext) -> dict[str, float]:
+        """Averages over micro-batches and ranks: {"train/loss": ..., "train/<name>": ...}; then reset."""
+        if self.sums is None:
+            return {}
+        totals = ctx.all_reduce(self.sums.clone()).tolist()
+        n = self.count * ctx.world
+        out = {"train/loss": totals[0] / n}
+        for name, total in zip(self.names or [], totals[1:]):
+            out[name if "/" in name else f"train/{name}"] = total / n
+        self.sums, self.count = None, 0
+        return out
+
+
+@torch.no_grad()
+def evaluate(task: TrainTask, module: torch.nn.Module, loader: DataLoader, ctx: WorkerContext,
+             non_blocking: bool = False) -> dict[str, float]:
+    """Every rank evaluates its share; sums and counts are all-reduced (one collective)."""
+    was_training = module.training
+    module.eval()
+    sums: dict[str, list] = {}
     try:
-        trainer.fit()
-    except ray.train.TrainingFailedError as err:
-        raise TrainingError(f"training failed: {err}") from err
-    return json.loads(storage.get_text(SUMMARY))
+        for batch in loader:
+            for name, value in task.eval_step(module, to_device(batch, ctx.device, non_blocking)).items():
+                total, count = value if isinstance(value, (tuple, list)) else (value, None)
+                total = _scalar(total, ctx.device)
+                count = None if count is None else _scalar(count, ctx.device)
+                if name not in sums:
+                    sums[name] = [total, count]
+                else:
+                    sums[name][0] = sums[name][0] + total
+                    if count is not None:
+                        sums[name][1] = sums[name][1] + count
+    finally:
+        module.train(was_training)
+    # A rank whose share is empty still joins: the names come from every rank.
+    kinds = {}
+    for part in ctx.all_gather({name: count is not None for name, (_, count) in sums.items()}):
+        kinds.update(part)
+    names = sorted(kinds)
+    vec = torch.zeros(2 * len(names), dtype=torch.float64, device=ctx.device)
+    for i, name in enumerate(names):
+        if name in sums:
+            vec[2 * i] = sums[name][0]
+            if sums[name][1] is not None:
+                vec[2 * i + 1] = sums[name][1]
+    values = ctx.all_reduce(vec).tolist()
+    out = {}
+    for i, name in enumerate(names):
+        total, count = values[2 * i], values[2 * i + 1]
+        if not kinds[name]:
+            out[name] = total
+        elif count > 0:
+            out[name] = total / count
+    return out
 
 
-class TrainingError(RuntimeError):
-    """The training job failed after its retries; the message carries the worker's error."""
+def improves(value: float, best: dict[str, Any] | None, mode: str) -> bool:
+    if value is None or math.isnan(value):
+        return False
+    if best is None:
+        return True
+    return value > best["value"] if mode == "max" else value < best["value"]
+
+
+# -- the worker ---------------------------------------------------------------------------------
+
+def _ray_context(storage: Storage) -> WorkerContext:
+    import ray.train
+    import ray.train.torch
+
+    ctx = ray.train.get_context()
+    return WorkerContext(ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank(),
+                         ray.train.torch.get_device(), storage)
+
+
+def _progress(ctx: WorkerContext, enabled: bool, total: int, start: int, desc: str):
+    if not (enabled and ctx.is_main):
+        return None
+    from ray.experimental.tqdm_ray import tqdm
+
+    bar = tqdm(total=total, desc=desc, unit="step")
+    bar.update(start)
+    return bar
+
+
+def train_worker(config: dict[str, Any]) -> None:
+    """Ray Train's per-worker entry point; ``config = {"job": tasks.pack_job(cfg)}``."""
+    from sonosynth.trainers.tasks import unpack_job
+
+    cfg, task_cls = unpack_job(config["job"])
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        torch.set_num_threads(cfg.engine.cpus_per_worker)
+    run(cfg, task_cls, _ray_context(open_storage(cfg.out, cfg.storage)))
+
+
+def run(cfg, task_cls: type[TrainTask], ctx: WorkerContext) -> None:
+    """Train ``task_cls`` on this rank (the process group is up); rank 0 writes summary.json."""
+    import deepspeed
+
+    from sonosynth.trainers.checkpoint import CheckpointStore
+    from sonosynth.trainers.config import ds_config
+    from sonosynth.trainers.optim import build_optimizer
+
+    e = cfg.engine
+    task = task_cls(cfg, ctx)
+    train_set, eval_set = task.train_dataset(), task.eval_dataset()
+    if e.best_metric and (eval_set is None or len(eval_set) == 0):
+        raise ConfigError(f"engine.best_metric={e.best_metric} needs a validation set and the {cfg.task!r} task "
+                          f"has none (its eval_dataset() is empty or None); set engine.best_metric=null to "
+                          f"export the last step, or give the task a validation split")
+    n = len(train_set)
+    if n == 0:
+        raise ValueError(f"the {cfg.task!r} task has no training examples")
+    total = e.total_steps(n)
+    module = task.module()
+    optimizer, scheduler = build_optimizer(task.param_groups(module), cfg.optim, total)
+    on_gpu = ctx.device.type == "cuda"
+    ds = ds_config(e, cfg.optim, ctx.world, on_gpu, on_gpu and torch.cuda.is_bf16_supported())
+    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=ds, dist_init_required=False)
+    store = CheckpointStore(ctx.storage, keep=e.keep_checkpoints)
+    latest = store.latest()
+    state = store.load(engine, latest, world=ctx.world).get("state", {}) if latest else {}
+    start = latest["step"] if latest else 0
+    if ctx.is_main and start:
+        print(f"resuming from checkpoint step {start} of {total}", flush=True)
+    state["resumed_from_step"] = start
+    state["eval_examples"] = len(eval_set) if eval_set is not None else 0
+
+    eval_loader = None
+    if eval_set is not None and len(eval_set):
+        eval_loader = make_loader(eval_set, ShareBatches(len(eval_set), e.seed, rank=ctx.rank, world=ctx.world,
+                                                         batch=e.micro_batch),
+                                  task.collate, workers=e.loader_workers, prefetch=e.prefetch, pin=on_gpu,
+                                  persistent=True)
+    tracker = _open_tracker(cfg, ctx)
+    bar = None
+    try:
+        if ctx.is_main and start == 0:
+            tracker.log_params(cfg.flat())
+            tracker.log_params({"data.num_examples": n, "data.num_eval_examples": state["eval_examples"],
+                                "engine.total_steps": total, "engine.global_batch": e.global_batch()})
+            tracker.log_text(cfg.to_yaml(), "config.yaml")
+            task.on_start(tracker)
+        if start == 0 and eval_loader is not None:
+            ctx.step = 0
+            state["eval_start"] = evaluate(task, engine.module, eval_loader, ctx, on_gpu)
+            _check_best_metric(cfg, state["eval_start"])
+            if ctx.is_main:
+                tracker.log_metrics(state["eval_start"], 0)
+        train_loader = make_loader(train_set, StepBatches(n, e.seed, start=start, total=total, rank=ctx.rank,
+                                                          world=ctx.world, micro_batch=e.micro_batch,
+                                                          grad_accum=e.grad_accum),
+                                   task.collate, workers=e.loader_workers, prefetch=e.prefetch, pin=on_gpu)
+        bar = _progress(ctx, e.progress, total, start, type(task).__name__)
+        perf = run_steps(cfg, ctx, task, engine, store, tracker, state, start, total, train_loader, eval_loader,
+                         bar)
+    except BaseException:
+        if ctx.is_main:
+            tracker.close("FAILED")
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    if ctx.is_main:
+        _finish(cfg, ctx, task, engine, store, tracker, state, total, n, perf)
+    ctx.barrier()
+
+
+def _check_best_metric(cfg, metrics: dict[str, float]) -> None:
+    name = cfg.engine.best_metric
+    if name and name not in metrics:
+        raise ConfigError(f"engine.best_metric={name} is not among the {cfg.task!r} task's evaluation metrics "
+                          f"({', '.join(sorted(metrics)) or 'none'}); set it to one of them")
+
+
+def _open_tracker(cfg, ctx: WorkerContext) -> Tracker:
+    """Rank 0 opens (or, on resume, reopens) the job's single MLflow run; others get a no-op."""
+    record = {}
+    if ctx.is_main and ctx.storage.exists(TRACKING_RECORD):
+        record = json.loads(ctx.storage.get_text(TRACKING_RECORD))
+    tracker = Tracker(cfg.tracking, enabled=ctx.is_main, offline_dir=offline_dir_for(cfg.out),
+                      experiment=cfg.experiment, run_id=record.get("run_id"))
+    tags = {"sonosynth.stage": cfg.experiment, "sonosynth.task": cfg.task, "sonosynth.out": cfg.out}
+    if ctx.is_main and tracker.start(tags=tags):
+        record.update(run_id=tracker.run_id, uri=tracker.uri)
+        ctx.storage.put_text(TRACKING_RECORD, json.dumps(record))
+    return tracker
+
+
+def _peak_memory(device: torch.device) -> tuple[float, str]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process_peak_rss"
+
+
+def run_steps(cfg, ctx: WorkerContext, task: TrainTask, engine, store, tracker: Tracker, state: dict[str, Any],
+              start: int, total: int, train_loader: DataLoader, eval_loader: DataLoader | None,
+              bar) -> dict[str, Any]:
+    """Steps ``start`` to ``total``; returns this session's throughput after its first log window."""
+    e = cfg.engine
+    on_gpu = ctx.device.type == "cuda"
+    meter = TrainMeter(ctx.device)
+    batches = iter(train_loader)
+    t_last, step_last = time.perf_counter(), start
+    t_warm, step_warm = t_last, start
+    for step in range(start, total):
+        ctx.step = step
+        engine.train()
+        for micro in range(e.grad_accum):
+            batch = to_device(next(batches), ctx.device, on_gpu)
+            torch.manual_seed(derive_seed(e.seed, "global", step, micro, ctx.rank))  # dropout & co.
+            generator = torch.Generator().manual_seed(noise_seed(e.seed, step, micro, ctx.rank))
+            loss, metrics = split_output(engine(batch, generator))
+            engine.backward(loss)
+            engine.step()
+            meter.add(loss, metrics)
+        done = step + 1
+        if bar is not None:
+            bar.update(1)
+        if done % e.log_every == 0 or done == total:
+            logged = meter.reduce(ctx)
+            now = time.perf_counter()
+            rate = (done - step_last) / max(now - t_last, 1e-9)
+            logged.update({"train/lr": engine.get_lr()[0], "perf/steps_per_s": rate,
+                           "perf/samples_per_s": rate * e.global_batch()})
+            grad_norm = engine.get_global_grad_norm()
+            if grad_norm is not None:
+                logged["train/grad_norm"] = float(grad_norm)
+            if ctx.is_main:
+                tracker.log_metrics(logged, done)
+                state.setdefault("loss_first", logged["train/loss"])
+                state["loss_last"] = logged["train/loss"]
+            if step_warm == start and done < total:
+                t_warm, step_warm = now, done  # throughput is measured after the first window
+            t_last, step_last = now, done
+        if eval_loader is not None and e.evaluates_at(done, total):
+            ctx.step = done
+            state["eval_last"] = evaluate(task, engine.module, eval_loader, ctx, on_gpu)
+            _check_best_metric(cfg, state["eval_last"])
+            if ctx.is_main:
+                tracker.log_metrics(state["eval_last"], done)
+            _keep_best(cfg, ctx, engine, store, state, done)
+        if done % e.checkpoint_every == 0 or done == total:
+            store.save(engine, done, {"state": state}, rank=ctx.rank, world=ctx.world)
+            if ctx.is_main and e.best_metric:
+                current = {state["best"]["step"]} if state.get("best") else set()
+                store.prune_best(store.best_steps_in_use() | current)
+    if total <= start:
+        return {}
+    seconds = time.perf_counter() - t_warm
+    steps = total - step_warm
+    peak, kind = _peak_memory(ctx.device)
+    rate = steps / max(seconds, 1e-9)
+    return {"steps_per_s": rate, "samples_per_s": rate * e.global_batch(), "measured_steps": steps,
+            "peak_memory_mb": peak, "memory_kind": kind}
+
+
+def _keep_best(cfg, ctx: WorkerContext, engine, store, state: dict[str, Any], done: int) -> None:
+    """After an evaluation: when ``best_metric`` improved, remember it and keep the weights."""
+    e = cfg.engine
+    if not e.best_metric:
+        return
+    value = state["eval_last"][e.best_metric]
+    if improves(value, state.get("best"), e.best_mode):
+        state["best"] = {"metric": e.best_metric, "mode": e.best_mode, "value": value, "step": done,
+                         "metrics": dict(state["eval_last"])}
+        if ctx.is_main:
+            store.save_best(engine.module, done)
+
+
+def _finish(cfg, ctx: WorkerContext, task: TrainTask, engine, store, tracker: Tracker,
+            state: dict[str, Any], total: int, n: int, perf: dict[str, Any]) -> None:
+    from sonosynth.trainers.config import job_fingerprint
+
+    best = state.get("best")
+    if best:
+        store.load_best(engine.module, best["step"])
+        store.prune_best({best["step"]})
+    with tempfile.TemporaryDirectory(prefix="sonosynth-export-") as tmp:
+        folder = Path(tmp) / "model"
+        folder.mkdir()
+        lineage = dict(task.export(engine.module, folder, tracker) or {})
+        lineage["training"] = {
+            "stage": cfg.stage_name(), "task": cfg.task, "job": job_fingerprint(cfg), "steps": total,
+            "exported_step": best["step"] if best else total,
+            "selected_by": {k: best[k] for k in ("metric", "mode", "value")} if best else "last step",
+        }
+        lineage_text = json.dumps(lineage, indent=1, default=str)
+        (folder / "lineage.json").write_text(lineage_text)
+        (folder / "config.yaml").write_text(cfg.to_yaml())
+        for path in sorted(folder.rglob("*")):
+            if path.is_file():
+                ctx.storage.put_file(f"model/{path.relative_to(folder)}", path)
+        tracker.log_artifact(folder, "model")
+        tracker.log_text(lineage_text, "lineage.json")
+        version = None
+        record = json.loads(ctx.storage.get_text(TRACKING_RECORD)) if ctx.storage.exists(TRACKING_RECORD) else {}
+        name = cfg.tracking.registered_model if cfg.tracking.registered_model is not None else cfg.registered_model
+        if record.get("model_version"):
+            version = record["model_version"]
+        elif name:
+            version = tracker.register("model", name)
+            if version:
+                ctx.storage.put_text(TRACKING_RECORD, json.dumps({**record, "model_version": version,
+                                                                  "registered_model": name}))
+    if best:
+        tracker.log_metrics({f"best/{best['metric']}": best["value"]}, best["step"])
+    summary = {
+        "job": job_fingerprint(cfg), "task": cfg.task, "steps": total, "examples": n,
+        "eval_examples": state.get("eval_examples", 0), "workers": ctx.world,
+        "resumed_from_step": state.get("resumed_from_step", 0),
+        "loss_first": state.get("loss_first"), "loss_last": state.get("loss_last"),
+        "eval_start": state.get("eval_start", {}), "eval_end": state.get("eval_last", {}),
+        "best": {k: best[k] for k in ("metric", "mode", "value", "step", "metrics")} if best else None,
+        "perf": perf or None,
+        "model": ctx.storage.url("model"), "lineage": lineage,
+        "mlflow": {"uri": tracker.uri if tracker.enabled else None, "run_id": tracker.run_id,
+                   "registered_model": name if version else None, "version": version,
+                   "offline": tracker.offline},
+    }
+    ctx.storage.put_text(SUMMARY, json.dumps(summary, indent=1, default=str))
+    tracker.log_text(json.dumps(summary, indent=1, default=str), "summary.json")
+    tracker.close("FINISHED")

@@ -90,7 +90,8 @@ def test_generation_is_tracked_in_mlflow(work, reference):
     run = client.get_run(json.loads((out / "summary.json").read_text())["mlflow"]["run_id"])
     assert run.data.metrics["accepted"] == N and 0 < run.data.metrics["acceptance_rate"] < 1
     assert "steady_samples_per_s" in run.data.metrics
-    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"samples_grid.png", "config.yaml", "summary.json"}
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert artifacts >= {"samples_grid.png", "config.yaml", "summary.json"}
 
 
 def test_a_killed_sampler_actor_still_ends_with_exactly_n(work, tiny_lora, reference):

@@ -31,6 +31,17 @@ def summary(out: Path) -> dict:
     return json.loads((out / "summary.json").read_text())
 
 
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL the driver, its local Ray and the training workers at once: Ray actors run in
+    process groups of their own and would otherwise train on (even finish) for a second or two."""
+    import psutil
+
+    for child in psutil.Process(proc.pid).children(recursive=True):
+        child.kill()
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
 def mlflow_client(uri: str):
     from mlflow import MlflowClient
 
@@ -127,8 +138,7 @@ def test_killed_job_resumes_to_the_same_weights(work, joint_data, joint_run):
         assert proc.poll() is None, "the job ended before its first checkpoint"
         assert time.monotonic() < deadline, "no checkpoint within the time limit"
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver, its local Ray and the training workers
-    proc.wait()
+    kill_tree(proc)
     assert not (out / "summary.json").exists(), "the job finished before it was killed"
 
     done = cli(args[1:], cwd=work)

@@ -92,6 +92,28 @@ class Example:
     plane: str | None
 
 
+class ExampleDataset(torch.utils.data.Dataset):
+    """Map-style view of the examples for the engine: item ``i`` is example ``indices[i]`` as
+    {"index", "prompt_row", and "latent_mean" + "latent_std" (cached) or "pixels"}."""
+
+    def __init__(self, examples: list[Example], prompt_rows: list[int],
+                 latents: tuple[torch.Tensor, torch.Tensor] | None = None, indices: list[int] | None = None):
+        self.examples, self.prompt_rows, self.latents = examples, prompt_rows, latents
+        self.indices = list(range(len(examples))) if indices is None else list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict:
+        j = self.indices[i]
+        item = {"index": j, "prompt_row": self.prompt_rows[j]}
+        if self.latents is not None:
+            item["latent_mean"], item["latent_std"] = self.latents[0][j], self.latents[1][j]
+        else:
+            item["pixels"] = self.examples[j].pixels
+        return item
+
+
 def to_square(array: np.ndarray, size: int, how: str, resample) -> np.ndarray:
     h, w = array.shape
     if how == "pad" and h != w:

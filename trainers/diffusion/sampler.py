@@ -24,6 +24,7 @@ from pydantic import model_validator
 from sonosynth.infra.config import Config
 from sonosynth.trainers.diffusion.lora import WEIGHTS_NAME
 from sonosynth.trainers.diffusion.models import DiffusionModelConfig, build_pipeline
+from sonosynth.trainers.precision import resolve_precision
 
 SCHEDULERS = {
     "dpm++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
@@ -101,6 +102,22 @@ def fetch_lora(source: str, tracking_uri: str | None = None) -> Path:
     return path
 
 
+def weights_sha256(folder: Path) -> str:
+    """sha256 of the LoRA weights file in ``folder`` (its identity in lineage and plans)."""
+    digest = hashlib.sha256()
+    with open(folder / WEIGHTS_NAME, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def resolve_lora(source: str, tracking_uri: str | None = None) -> tuple[Path, str]:
+    """Fetch a LoRA once (on the driver) and hash it: (local folder, sha256 of its weights file).
+    Hand both to ``Sampler(..., lora_dir=, lora_sha256=)`` so actors neither download nor hash."""
+    folder = fetch_lora(source, tracking_uri)
+    return folder, weights_sha256(folder)
+
+
 def read_lineage(folder: Path | None) -> dict[str, Any]:
     if folder is None or not (folder / "lineage.json").is_file():
         return {}
@@ -110,12 +127,22 @@ def read_lineage(folder: Path | None) -> dict[str, Any]:
 class Sampler:
     """Callable: list[SampleSpec] -> list of HxWx3 uint8 images, in spec order."""
 
-    def __init__(self, cfg: SamplerConfig, tracking_uri: str | None = None, device: str | None = None):
+    def __init__(self, cfg: SamplerConfig, tracking_uri: str | None = None, device: str | None = None, *,
+                 lora_dir: Path | str | None = None, lora_sha256: str | None = None):
+        """``lora_dir``/``lora_sha256``: a LoRA the driver already fetched and hashed
+        (``resolve_lora``), used as is; without them ``cfg.lora`` is fetched (and hashed) here."""
         from diffusers import schedulers
 
         self.cfg = cfg
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.lora_dir = fetch_lora(cfg.lora, tracking_uri) if cfg.lora else None
+        if lora_dir is not None:
+            self.lora_dir = Path(lora_dir)
+            if not (self.lora_dir / WEIGHTS_NAME).is_file():
+                raise FileNotFoundError(f"{self.lora_dir} holds no {WEIGHTS_NAME}: pass the folder that "
+                                        "resolve_lora returned")
+        else:
+            self.lora_dir = fetch_lora(cfg.lora, tracking_uri) if cfg.lora else None
+        self._lora_sha256 = lora_sha256
         self.lineage = read_lineage(self.lora_dir)
         self.resolution = cfg.resolution or self.lineage.get("resolution") or 512
         self.clip_skip = int(self.lineage.get("clip_skip", cfg.model.clip_skip))
@@ -126,7 +153,7 @@ class Sampler:
             pipe.load_lora_weights(str(self.lora_dir))
             pipe.fuse_lora(lora_scale=cfg.lora_scale)  # one matmul per layer instead of three
             pipe.unload_lora_weights()
-        dtype = self._dtype()
+        dtype = resolve_precision(cfg.precision, self.device)
         pipe.to(self.device)
         if dtype != torch.float32:
             pipe.to(dtype=dtype)
@@ -136,19 +163,12 @@ class Sampler:
         self.pipe = pipe
         self._prompt_cache: dict[str, torch.Tensor] = {}
 
-    def _dtype(self) -> torch.dtype:
-        p = self.cfg.precision
-        if p == "auto":
-            if self.device.type != "cuda":
-                return torch.float32
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[p]
-
     def lora_identity(self) -> dict[str, Any]:
         if self.lora_dir is None:
             return {"lora": None}
-        weights = (self.lora_dir / WEIGHTS_NAME).read_bytes()
-        return {"lora": self.cfg.lora, "lora_sha256": hashlib.sha256(weights).hexdigest(),
+        if self._lora_sha256 is None:
+            self._lora_sha256 = weights_sha256(self.lora_dir)
+        return {"lora": self.cfg.lora or str(self.lora_dir), "lora_sha256": self._lora_sha256,
                 "lora_scale": self.cfg.lora_scale}
 
     @torch.no_grad()

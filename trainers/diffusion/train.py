@@ -9,7 +9,6 @@ a fresh latent is drawn from them every step, exactly as encoding every step wou
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -18,13 +17,15 @@ import torch
 import torch.nn.functional as F
 from pydantic import model_validator
 
+from sonosynth.datasets.preview import tile_images
 from sonosynth.datasets.records import encode_png
 from sonosynth.infra.config import Config
-from sonosynth.trainers.diffusion.data import Example, LoraDataConfig, load_examples
+from sonosynth.trainers.config import TrainStageConfig
+from sonosynth.trainers.diffusion.data import Example, ExampleDataset, LoraDataConfig, load_examples
 from sonosynth.trainers.diffusion.lora import LoraConfig, add_lora, lora_parameters, save_lora
 from sonosynth.trainers.diffusion.models import DiffusionModelConfig, build_components, build_pipeline
-from sonosynth.trainers.engine import TrainStageConfig
-from sonosynth.trainers.worker import TrainTask, WorkerContext
+from sonosynth.trainers.engine import TrainTask, WorkerContext
+from sonosynth.trainers.tasks import register_task
 
 
 class CacheConfig(Config):
@@ -52,7 +53,8 @@ class PreviewConfig(Config):
 class LoraTrainConfig(TrainStageConfig):
     """``sonosynth train-lora``: recipe fields below, engine/optim/tracking from the base."""
 
-    task_class: ClassVar[str] = "sonosynth.trainers.diffusion.train:LoraTask"
+    task: ClassVar[str] = "lora"
+    stage: ClassVar[str] = "train-lora"
     experiment: ClassVar[str] = "sonosynth-train-lora"
     registered_model: ClassVar[str] = "sonosynth-lora"
 
@@ -67,7 +69,8 @@ class LoraTrainConfig(TrainStageConfig):
     cache: CacheConfig = CacheConfig()
     """Latent and text-embedding caches."""
     eval_examples: int = 8
-    """Examples in the fixed-noise evaluation loss logged at the start and at checkpoints."""
+    """Examples in the fixed-noise evaluation loss (eval/loss) logged at the start, at every evaluation
+    (engine.eval_every, default at checkpoints) and at the end; 0: no evaluation."""
     preview: PreviewConfig = PreviewConfig()
     """Samples from the trained LoRA."""
 
@@ -146,16 +149,11 @@ def to_uint8(pixels: torch.Tensor) -> np.ndarray:
     return ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
 
 
-def grid(images: list[np.ndarray], cols: int = 4) -> np.ndarray:
-    h, w, _ = images[0].shape
-    rows = -(-len(images) // cols)
-    out = np.zeros((rows * h, min(cols, len(images)) * w, 3), np.uint8)
-    for i, im in enumerate(images):
-        r, c = divmod(i, cols)
-        out[r * h:(r + 1) * h, c * w:(c + 1) * w] = im
-    return out
+EVAL_DRAWS = 4
+"""Fixed noise draws per example in the evaluation loss."""
 
 
+@register_task("lora")
 class LoraTask(TrainTask):
     def __init__(self, cfg: LoraTrainConfig, ctx: WorkerContext):
         super().__init__(cfg, ctx)
@@ -205,6 +203,29 @@ class LoraTask(TrainTask):
         return mean, std
 
     # -- engine interface -----------------------------------------------------------------
+    def train_dataset(self) -> ExampleDataset:
+        return ExampleDataset(self.examples, self.prompt_row, self.latent_cache)
+
+    def eval_dataset(self) -> ExampleDataset | None:
+        """The first ``eval_examples`` training examples, each with fixed noise (the LoRA has no
+        validation split: this loss tracks the fit, it selects nothing unless engine.best_metric says so)."""
+        n = min(self.cfg.eval_examples, len(self.examples))
+        return ExampleDataset(self.examples, self.prompt_row, self.latent_cache, range(n)) if n else None
+
+    def collate(self, items: list[dict]) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {"index": torch.tensor([it["index"] for it in items])}
+        if "latent_mean" in items[0]:
+            out["latent_mean"] = torch.stack([it["latent_mean"] for it in items])
+            out["latent_std"] = torch.stack([it["latent_std"] for it in items])
+        else:
+            out["pixels"] = torch.stack([it["pixels"] for it in items])
+        rows = [it["prompt_row"] for it in items]
+        if self.text_cache is not None:
+            out["text_emb"] = self.text_cache[rows]
+        else:
+            out["input_ids"] = self.prompt_ids[rows]
+        return out
+
     def module(self) -> LoraDiffusionModule:
         p = self.parts
         module = LoraDiffusionModule(
@@ -213,51 +234,25 @@ class LoraTask(TrainTask):
             self.vae_scaling)
         return module
 
-    def param_groups(self) -> list[dict]:
+    def param_groups(self, module) -> list[dict]:
         groups = [{"params": lora_parameters(self.parts.unet), "lr": self.cfg.optim.lr}]
         if self.cfg.lora.text_encoder:
             groups.append({"params": lora_parameters(self.parts.text_encoder), "lr": self.cfg.text_encoder_lr})
         return groups
 
-    def num_examples(self) -> int:
-        return len(self.examples)
-
-    def batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
-        dev = self.ctx.device
-        out: dict[str, torch.Tensor] = {}
-        if self.latent_cache is not None:
-            out["latent_mean"] = self.latent_cache[0][indices].to(dev)
-            out["latent_std"] = self.latent_cache[1][indices].to(dev)
-        else:
-            out["pixels"] = torch.stack([self.examples[i].pixels for i in indices]).to(dev)
-        rows = [self.prompt_row[i] for i in indices]
-        if self.text_cache is not None:
-            out["text_emb"] = self.text_cache[rows].to(dev)
-        else:
-            out["input_ids"] = self.prompt_ids[rows].to(dev)
-        return out
-
-    @torch.no_grad()
-    def evaluate(self, module) -> dict[str, float]:
-        """Loss on fixed examples with fixed noise and timesteps: comparable across steps."""
-        n = min(self.cfg.eval_examples, len(self.examples))
-        if n == 0:
-            return {}
-        was_training = module.training
-        module.eval()
+    def eval_step(self, module, batch: dict[str, torch.Tensor]) -> dict[str, tuple]:
+        """Loss with fixed noise and timesteps per example: comparable across steps."""
         losses = []
-        for i in range(n):
-            for draw in range(4):
-                gen = torch.Generator().manual_seed(10_000 * i + draw)
-                losses.append(float(module(self.batch([i]), gen)))
-        module.train(was_training)
-        return {"eval/loss": float(np.mean(losses))}
+        for j, index in enumerate(batch["index"].tolist()):
+            one = {k: v[j:j + 1] for k, v in batch.items() if k != "index"}
+            for draw in range(EVAL_DRAWS):
+                losses.append(module(one, torch.Generator().manual_seed(10_000 * index + draw)))
+        return {"eval/loss": (torch.stack(losses).sum(), len(losses))}
 
     def on_start(self, tracker) -> None:
         images = [to_uint8(e.pixels) for e in self.examples[:8]]
-        tracker.log_image(grid(images), "inputs.png")
+        tracker.log_image(tile_images(images, cols=4), "inputs.png")
         tracker.log_text("\n".join(f"{e.key}\t{e.plane}\t{e.prompt}" for e in self.examples), "examples.tsv")
-        tracker.log_text(self.cfg.to_yaml(), "config.yaml")
 
     def export(self, module, folder: Path, tracker) -> dict[str, Any]:
         weights = save_lora(folder, module.unet, module.text_encoder or self.parts.text_encoder, self.cfg.lora)
@@ -269,8 +264,6 @@ class LoraTask(TrainTask):
             "clip_skip": self.cfg.model.clip_skip, "resolution": self.cfg.data.resolution,
             "class_prompts": {e.plane: e.prompt for e in self.examples} if self.cfg.data.mode == "class" else {},
         }
-        (folder / "lineage.json").write_text(json.dumps(lineage, indent=1))
-        (folder / "config.yaml").write_text(self.cfg.to_yaml())
         if self.cfg.preview.num:
             sheet = self.preview(folder)
             tracker.log_image(sheet, "previews/final.png")
@@ -295,5 +288,5 @@ class LoraTask(TrainTask):
         images = pipe(prompt_embeds=emb[:-1], negative_prompt_embeds=emb[-1:].expand(len(prompts), -1, -1),
                       height=res, width=res, num_inference_steps=p.steps, guidance_scale=p.guidance,
                       generator=torch.Generator().manual_seed(p.seed), output_type="np").images
-        return grid([(im * 255).round().astype(np.uint8) for im in images])
+        return tile_images([(im * 255).round().astype(np.uint8) for im in images], cols=4)
 

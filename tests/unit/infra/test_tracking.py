@@ -58,11 +58,12 @@ def test_undelivered_records_replay_to_a_real_server(tmp_path, mlflow_url):
     tracker.log_text("hello", "notes/readme.txt")
     tracker.close()
 
-    run_id = replay(tmp_path, TrackingConfig(uri=mlflow_url), experiment="replay-test")
+    run_id = replay(tmp_path, TrackingConfig(uri=mlflow_url))  # the experiment comes from the records
     from mlflow import MlflowClient
 
     client = MlflowClient(mlflow_url)
     run = client.get_run(run_id)
+    assert client.get_experiment(run.info.experiment_id).name == "replay-test"
     assert run.data.params["lora.rank"] == "8" and run.info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == [1, 2, 3]
     assert [a.path for a in client.list_artifacts(run_id, "notes")] == ["notes/readme.txt"]

@@ -9,7 +9,7 @@ from sonosynth.datasets.geometry import Ellipse
 from sonosynth.datasets.reader import DatasetReader
 from sonosynth.infra.config import build
 from sonosynth.infra.storage import LocalStorage
-from sonosynth.launch.generate import GenerateConfig, derive_seed, plan_job
+from sonosynth.launch.generate import GenerateConfig, sample_seed, plan_job
 from sonosynth.launch.generate_worker import ATTEMPTS_EXHAUSTED, SamplerWorker
 
 
@@ -39,7 +39,7 @@ def test_class_mode_takes_planes_in_turn(tmp_path):
 
 
 def test_derived_seeds_are_distinct():
-    seeds = {derive_seed(0, i, a) for i in range(100) for a in range(4)}
+    seeds = {sample_seed(0, i, a) for i in range(100) for a in range(4)}
     assert len(seeds) == 400
 
 
@@ -75,7 +75,7 @@ def test_rejected_samples_are_redrawn_with_the_next_seed(tmp_path):
     accepted, rejected, images = w._sample([0, 1, 2])
     assert sorted(accepted) == [0, 1, 2] and images == 6
     assert {r["reason"] for r in rejected} == {"empty_mask"}
-    assert all(s.meta["attempt"] == 1 and s.meta["seed"] == derive_seed(0, i, 1) for i, s in accepted.items())
+    assert all(s.meta["attempt"] == 1 and s.meta["seed"] == sample_seed(0, i, 1) for i, s in accepted.items())
     assert all(s.mask is not None and s.mask.max() == 255 for s in accepted.values())
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 
 from sonosynth.infra.config import ConfigError
-from sonosynth.launch.recipes import REPO_CONFIGS, resolve
+from sonosynth.launch.recipes import packaged_recipes, resolve
 from sonosynth.trainers.diffusion.train import LoraTrainConfig
 
-LORA_RECIPES = sorted(p.stem for p in REPO_CONFIGS.glob("lora_*.yaml"))
+LORA_RECIPES = sorted(p.stem for p in packaged_recipes().glob("lora_*.yaml"))
 
 
 @pytest.mark.parametrize("name", LORA_RECIPES)
@@ -17,7 +17,7 @@ def test_lora_recipes_resolve(name):
     assert cfg.lora.alpha is None  # alpha = rank in both papers
 
 
-GENERATE_RECIPES = sorted(p.stem for p in REPO_CONFIGS.glob("generate_*.yaml"))
+GENERATE_RECIPES = sorted(p.stem for p in packaged_recipes().glob("generate_*.yaml"))
 
 
 @pytest.mark.parametrize("name", GENERATE_RECIPES)
@@ -33,8 +33,9 @@ def test_paper_a_sampling_recipe():
 
     cfg = resolve(GenerateConfig, "generate_joint_head_paper", {}, ["sampler.model.pretrained=null"])
     s = cfg.sampler
-    assert (s.scheduler, s.steps, s.guidance, s.lora_scale, cfg.qc.mask_threshold) == ("unipc", 30, 7.5, 0.9, 180)
-    assert resolve(GenerateConfig, "generate_joint_head", {}, ["sampler.model.pretrained=null"]).sampler.scheduler == "dpm++"
+    assert (s.scheduler, s.steps, s.guidance, s.lora_scale, cfg.qc.threshold) == ("unipc", 30, 7.5, 0.9, 180)
+    cfg = resolve(GenerateConfig, "generate_joint_head", {}, ["sampler.model.pretrained=null"])
+    assert cfg.sampler.scheduler == "dpm++"
 
 
 def test_paper_hyper_parameters():

@@ -1,59 +1,187 @@
+"""The per-rank pieces of the engine, and the whole loop on one in-process rank."""
+
+import importlib.util
+import json
+import os
+import socket
+from collections import namedtuple
+from pathlib import Path
+
 import pytest
+import torch
 
-from sonosynth.infra.config import ConfigError, build
-from sonosynth.infra.storage import LocalStorage
-from sonosynth.trainers.checkpoint import CheckpointError, CheckpointStore
-from sonosynth.trainers.engine import EngineConfig, check_output, ds_config
-from sonosynth.trainers.optim import OptimConfig
-from sonosynth.trainers.diffusion.train import LoraTrainConfig
+from sonosynth.trainers.engine import (SeededExamples, ShareBatches, StepBatches, TrainMeter, TrainTask,
+                                       WorkerContext, evaluate, example_indices, improves, noise_seed,
+                                       split_output, to_device)
 
-
-def lora_cfg(tmp_path, **engine):
-    return build(LoraTrainConfig, {"out": str(tmp_path / "out"), "data": {"dataset": "x"},
-                                   "engine": {"max_steps": 10, **engine}})
+TOY = Path(__file__).resolve().parents[2] / "integration" / "toy_task.py"
 
 
-def test_steps_or_epochs_exactly_one():
-    with pytest.raises(ConfigError, match="exactly one of engine.max_steps or engine.epochs"):
-        build(EngineConfig, {"max_steps": 5, "epochs": 2})
-    assert EngineConfig(epochs=100, workers=2).total_steps(24) == 1200
-    assert EngineConfig(epochs=1, workers=2, micro_batch=2, grad_accum=2).total_steps(10) == 2
+def order(n, world, micro_batch, grad_accum, steps, rank, seed=0):
+    return [i for step in range(steps) for micro in range(grad_accum)
+            for i in example_indices(n, seed, step=step, micro=micro, rank=rank, world=world,
+                                     micro_batch=micro_batch, grad_accum=grad_accum)]
 
 
-def test_deepspeed_config_follows_the_engine():
-    cpu = ds_config(EngineConfig(max_steps=1, grad_accum=4), OptimConfig(grad_clip=1.0), 2, False, False)
-    assert cpu["train_batch_size"] == 8 and cpu["zero_optimization"]["stage"] == 2
-    assert not cpu["bf16"]["enabled"] and not cpu["fp16"]["enabled"] and cpu["gradient_clipping"] == 1.0
-    gpu = ds_config(EngineConfig(max_steps=1), OptimConfig(grad_clip=None), 8, True, True)
-    assert gpu["bf16"]["enabled"] and "gradient_clipping" not in gpu
-    old_gpu = ds_config(EngineConfig(max_steps=1), OptimConfig(), 8, True, False)
-    assert old_gpu["fp16"]["enabled"]
+def test_each_epoch_visits_every_example_once_across_ranks():
+    n, world, mb, ga = 12, 2, 2, 3  # global batch 12 = one epoch per step
+    for step in range(3):
+        seen = [i for rank in range(world) for micro in range(ga)
+                for i in example_indices(n, 7, step=step, micro=micro, rank=rank, world=world,
+                                         micro_batch=mb, grad_accum=ga)]
+        assert sorted(seen) == list(range(n))
 
 
-def test_output_refuses_a_different_job_but_allows_longer_training(tmp_path):
-    storage = LocalStorage(tmp_path / "out")
-    assert check_output(storage, lora_cfg(tmp_path)) is False
-    assert check_output(storage, lora_cfg(tmp_path, max_steps=50, log_every=3)) is True
-    with pytest.raises(ConfigError, match=r"different config \(engine.seed"):
-        check_output(storage, lora_cfg(tmp_path, seed=3))
+def test_order_is_a_pure_function_of_seed_and_step():
+    assert order(10, 2, 1, 1, 20, 0) == order(10, 2, 1, 1, 20, 0)
+    assert order(10, 2, 1, 1, 20, 0) != order(10, 2, 1, 1, 20, 0, seed=1)
+    later = [example_indices(10, 0, step=s, micro=0, rank=1, world=2, micro_batch=1, grad_accum=1)[0]
+             for s in range(5, 20)]
+    assert later == order(10, 2, 1, 1, 20, 1)[5:]
 
 
-def test_incomplete_checkpoints_are_ignored_and_pruned(tmp_path):
-    storage = LocalStorage(tmp_path)
-    for step in (10, 20, 30):
-        storage.put_bytes(f"checkpoints/step-{step:08d}/mp_rank_00_model_states.pt", b"x")
-        storage.put_text(f"checkpoints/step-{step:08d}/_COMPLETE.json",
-                         f'{{"step": {step}, "tag": "step-{step:08d}", "world_size": 2, "files": []}}')
-    storage.put_bytes("checkpoints/step-00000040/zero_pp_rank_0_mp_rank_00_optim_states.pt", b"half")
-    store = CheckpointStore(storage, keep=2)
-    assert store.latest()["step"] == 30
-    store._prune(keep_step=30)
-    left = {k.split("/")[1] for k in storage.list("checkpoints/")}
-    assert left == {"step-00000020", "step-00000030"}
-    assert not (tmp_path / "checkpoints" / "step-00000040").exists()
+def test_epochs_are_reshuffled():
+    first, second = order(8, 1, 8, 1, 2, 0)[:8], order(8, 1, 8, 1, 2, 0)[8:]
+    assert sorted(first) == sorted(second) == list(range(8)) and first != second
 
 
-def test_resuming_with_another_world_size_names_the_fix(tmp_path):
-    store = CheckpointStore(LocalStorage(tmp_path))
-    with pytest.raises(CheckpointError, match="engine.workers=2"):
-        store.load(None, {"tag": "step-00000010", "world_size": 2, "files": []}, world=4)
+def test_noise_seeds_differ_per_rank_step_and_micro():
+    seeds = {noise_seed(0, s, m, r) for s in range(10) for m in range(2) for r in range(2)}
+    assert len(seeds) == 40
+
+
+def test_a_resumed_sampler_yields_the_rest_of_the_uninterrupted_one():
+    kw = dict(rank=1, world=2, micro_batch=3, grad_accum=2)
+    full = list(StepBatches(10, 4, start=0, total=8, **kw))
+    assert len(full) == 16 and list(StepBatches(10, 4, start=5, total=8, **kw)) == full[10:]
+    assert [i for i, _ in full[0]] == example_indices(10, 4, step=0, micro=0, **kw)
+    assert len({seed for batch in full for _, seed in batch}) == 48  # one seed per example drawn
+
+
+def test_evaluation_shares_cover_the_set_once():
+    keys = [k for rank in range(3) for batch in ShareBatches(10, 0, rank=rank, world=3, batch=2) for k in batch]
+    assert sorted(i for i, _ in keys) == list(range(10))
+    assert list(ShareBatches(10, 0, rank=1, world=3, batch=2)) == list(ShareBatches(10, 0, rank=1, world=3, batch=2))
+
+
+class Noisy(torch.utils.data.Dataset):
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        return torch.rand(2) + i
+
+
+def test_examples_are_augmented_from_their_seed():
+    data = SeededExamples(Noisy())
+    assert torch.equal(data[(1, 7)], data[(1, 7)]) and not torch.equal(data[(1, 7)], data[(1, 8)])
+
+
+def test_batches_move_to_the_device_in_any_nesting():
+    Pair = namedtuple("Pair", "a b")
+    moved = to_device({"x": torch.zeros(1), "y": [torch.ones(1), (2, "s")], "p": Pair(torch.zeros(1), 3)},
+                      torch.device("meta"))
+    assert moved["x"].is_meta and moved["y"][0].is_meta and moved["y"][1] == (2, "s")
+    assert isinstance(moved["p"], Pair) and moved["p"].a.is_meta and moved["p"].b == 3
+
+
+def test_forward_may_return_the_loss_or_loss_and_metrics():
+    loss = torch.tensor(1.0)
+    assert split_output(loss) == (loss, {})
+    assert split_output((loss, {"acc": 0.5}))[1] == {"acc": 0.5}
+    with pytest.raises(TypeError, match=r"the loss or \(loss"):
+        split_output({"loss": loss})
+
+
+def ctx1() -> WorkerContext:
+    return WorkerContext(0, 1, 0, torch.device("cpu"), storage=None)
+
+
+def test_train_metrics_are_averaged_over_micro_batches():
+    meter = TrainMeter(torch.device("cpu"))
+    meter.add(torch.tensor(1.0), {"acc": torch.tensor(0.5), "val/x": 2})
+    meter.add(torch.tensor(3.0), {"acc": 1.0, "val/x": 4})
+    assert meter.reduce(ctx1()) == {"train/loss": 2.0, "train/acc": 0.75, "val/x": 3.0}
+    assert meter.reduce(ctx1()) == {}
+    meter.add(torch.tensor(1.0), {"acc": 1.0, "val/x": 1})
+    with pytest.raises(ValueError, match="same names"):
+        meter.add(torch.tensor(1.0), {})
+
+
+class Sums(TrainTask):
+    def eval_step(self, module, batch):
+        assert not module.training
+        return {"val/mean": (batch.sum(), len(batch)), "val/count": len(batch)}
+
+
+def test_evaluation_averages_sums_over_counts_and_sums_bare_values():
+    module = torch.nn.Linear(1, 1).train()
+    loader = [torch.tensor([1.0, 2.0]), torch.tensor([6.0])]
+    assert evaluate(Sums(None, ctx1()), module, loader, ctx1()) == {"val/mean": 3.0, "val/count": 3.0}
+    assert module.training
+
+
+def test_best_is_strictly_better_in_its_mode():
+    assert improves(0.5, None, "max") and not improves(float("nan"), None, "max")
+    assert improves(0.6, {"value": 0.5}, "max") and not improves(0.5, {"value": 0.5}, "max")
+    assert improves(0.4, {"value": 0.5}, "min") and not improves(0.6, {"value": 0.5}, "min")
+
+
+# -- the whole loop on one rank, without Ray ------------------------------------------------
+
+@pytest.fixture(scope="module")
+def toy():
+    spec = importlib.util.spec_from_file_location("toy_task_unit", TOY)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def one_rank():
+    """A one-process gloo group, as Ray Train would set up."""
+    import torch.distributed as dist
+
+    saved = dict(os.environ)
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def train_toy(toy, out: Path, **engine):
+    from sonosynth.infra.config import build
+    from sonosynth.infra.storage import LocalStorage
+    from sonosynth.trainers.engine import run
+
+    cfg = build(toy.ToyConfig, {"out": str(out), "tracking": {"enabled": False}, "optim": {"lr": 0.01},
+                                "engine": {"workers": 1, "micro_batch": 4, "log_every": 5, "checkpoint_every": 10,
+                                           "progress": False, **engine}})
+    run(cfg, toy.ToyTask, WorkerContext(0, 1, 0, torch.device("cpu"), LocalStorage(out)))
+    return json.loads((out / "summary.json").read_text())
+
+
+def test_one_rank_trains_exports_the_best_and_resumes_exactly(toy, one_rank, tmp_path):
+    ref = train_toy(toy, tmp_path / "ref", max_steps=30, eval_every=5, best_metric="val/loss", best_mode="min")
+    assert ref["best"]["metric"] == "val/loss" and ref["eval_start"]["val/loss"] > ref["best"]["value"]
+    first = train_toy(toy, tmp_path / "b", max_steps=20, eval_every=5, best_metric="val/loss", best_mode="min")
+    assert first["steps"] == 20
+    (tmp_path / "b" / "summary.json").unlink()
+    again = train_toy(toy, tmp_path / "b", max_steps=30, eval_every=5, best_metric="val/loss", best_mode="min")
+    assert again["resumed_from_step"] == 20 and again["best"] == ref["best"]
+    a = torch.load(tmp_path / "ref" / "model" / "weights.pt")
+    b = torch.load(tmp_path / "b" / "model" / "weights.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_best_metric_must_be_an_evaluation_metric(toy, one_rank, tmp_path):
+    from sonosynth.infra.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"best_metric=val/dice is not among .*\(val/acc, val/loss\)"):
+        train_toy(toy, tmp_path / "o", max_steps=2, best_metric="val/dice")

@@ -52,3 +52,15 @@ def test_examples_from_a_real_dataset(tmp_path, make_phantom_dataset):
     assert sorted(e.plane for e in per_class) == ["brain"] * 3 + ["femur"] * 3
     with pytest.raises(ValueError, match="no samples of the planes.*class mode needs plane labels"):
         load_examples(cfg(dataset=str(data), split=None, mode="class", class_prompts={"thorax": "t"}))
+
+
+def test_example_dataset_serves_cached_latents_or_pixels():
+    from sonosynth.trainers.diffusion.data import Example, ExampleDataset
+
+    examples = [Example(f"k{i}", torch.full((3, 4, 4), float(i)), "p", None) for i in range(3)]
+    pixels = ExampleDataset(examples, [0, 0, 0])
+    assert len(pixels) == 3 and torch.equal(pixels[2]["pixels"], examples[2].pixels)
+    latents = (torch.arange(3.0)[:, None], torch.ones(3, 1))
+    cached = ExampleDataset(examples, [0, 1, 0], latents, indices=[2, 1])
+    assert len(cached) == 2 and cached[0]["index"] == 2 and cached[1]["prompt_row"] == 1
+    assert cached[0]["latent_mean"].item() == 2.0 and "pixels" not in cached[0]

@@ -33,3 +33,31 @@ def test_text_cache_cannot_be_forced_with_a_text_encoder_lora():
                                 "cache": {"text": True}})
     cfg = build(LoraTrainConfig, {"out": "o", "data": {"dataset": "d"}, "lora": {"text_encoder": True}})
     assert cfg.cache_text is False
+
+
+def test_lora_task_feeds_the_engine_batches_and_a_fixed_noise_eval(tmp_path, make_phantom_dataset):
+    from sonosynth.infra.storage import LocalStorage
+    from sonosynth.trainers.diffusion.train import EVAL_DRAWS, LoraTask
+    from sonosynth.trainers.engine import SeededExamples, WorkerContext
+
+    data = make_phantom_dataset(tmp_path / "d", 6, ["brain"], size=48)
+    ctx = WorkerContext(0, 1, 0, torch.device("cpu"), LocalStorage(tmp_path / "out"))
+    cfg = build(LoraTrainConfig, {"out": str(tmp_path / "out"), "eval_examples": 3, "lora": {"rank": 4},
+                                  "data": {"dataset": str(data), "split": None, "resolution": 32}})
+    task = LoraTask(cfg, ctx)
+    train_set, eval_set = task.train_dataset(), task.eval_dataset()
+    assert len(train_set) == 6 and len(eval_set) == 3
+    batch = task.collate([SeededExamples(train_set)[(i, 0)] for i in (4, 1)])
+    assert batch["index"].tolist() == [4, 1]
+    assert torch.equal(batch["latent_mean"], task.latent_cache[0][[4, 1]]) and "text_emb" in batch
+    module = task.module()
+    loss = module(batch, torch.Generator().manual_seed(0))
+    assert loss.ndim == 0 and loss.item() > 0
+    assert len(task.param_groups(module)) == 1
+
+    module.eval()
+    with torch.no_grad():
+        whole = task.eval_step(module, task.collate([eval_set[i] for i in range(3)]))["eval/loss"]
+        parts = [task.eval_step(module, task.collate([eval_set[i]]))["eval/loss"] for i in range(3)]
+    assert whole[1] == 3 * EVAL_DRAWS  # (sum, count): the engine averages over every rank's share
+    assert whole[0].item() == pytest.approx(sum(p[0].item() for p in parts), rel=1e-5)

@@ -1,0 +1,277 @@
+"""The ``evaluate`` stage: score segmentation masks per image and per cohort, against the box baseline.
+
+Predictions come from a folder (or ``s3://`` prefix) of mask PNGs named ``<sample key>.png``
+(pixels above ``threshold`` are foreground; a prediction of another size is resized to the
+image, bilinear then >= 0.5), or from a ``predict_fn(sample, boxes) -> masks`` handed to
+``run`` (train-sam's SAM predictor plugs in there and through ``model_predictor``). Each
+image with a mask gets ``box_draws`` box prompts (seeded by (seed, key)), the prediction(s)
+and the box baseline are scored (``sonosynth.trainers.evaluation.segmentation``), and the
+stage writes ``per_image.parquet``/``.csv``, ``summary.json`` (overall and ``by_cohort``),
+``dice_distribution.png`` and ``worst_cases.png``, all logged to MLflow. docs/segmentation.md
+says how to read them.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import logging
+import math
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from pydantic import model_validator
+
+from sonosynth.datasets.records import Sample, decode_png
+from sonosynth.infra.config import Config, ConfigError
+from sonosynth.infra.jobdir import claim_output, offline_dir_for
+from sonosynth.infra.seeds import derive_seed
+from sonosynth.infra.stage import Report
+from sonosynth.infra.storage import StorageConfig, open_storage
+from sonosynth.infra.tracking import Tracker, TrackingConfig
+
+log = logging.getLogger(__name__)
+PredictFn = Callable[[Sample, np.ndarray], np.ndarray]
+"""(sample, boxes [K, 4] XYXY in image pixels) -> masks [K, H, W] (one per box), or one [H, W]
+mask when the prediction ignores prompts. Raise ``MissingPrediction`` to skip an image."""
+
+
+class MissingPrediction(LookupError):
+    """No prediction for this sample; it is counted and listed, not scored."""
+
+
+class EvaluateConfig(Config):
+    """``sonosynth evaluate``: score predicted masks on a dataset split, per image and per cohort."""
+
+    dataset: str
+    """Dataset folder or s3:// prefix (from ingest or generate) holding the images and masks."""
+    split: str | None = "test"
+    """Score the samples of this split (null: every sample)."""
+    predictions: str | None = None
+    """Folder or s3:// prefix of predicted masks, one PNG per sample named <sample key>.png."""
+    model: str | None = None
+    """A SAM model to predict with (MLflow model URI or folder); comes with train-sam."""
+    out: str = "runs/evaluate"
+    """Where the per-image table, summary.json and plots go: a folder or s3:// prefix."""
+    box_draws: int = 5
+    """K box prompts per image (paper A: 5); figures are means over the draws."""
+    jitter_px: int = 19
+    """Each box side is pushed out by a random 0..jitter_px px (at 256 px, scaled to the image)."""
+    seed: int = 0
+    """Seed of the box draws (image key k, draw d: the same box in every run)."""
+    resolution: int = 256
+    """Also score with both masks resized to this square size (paper A: 256)."""
+    threshold: int = 127
+    """Prediction PNG pixels above this value are foreground."""
+    worst_cases: int = 8
+    """How many of the lowest-Dice images to draw in worst_cases.png (0: none)."""
+    fail_on_missing: bool = False
+    """Mark the stage failed (exit 1) when any image has no prediction (outputs still written)."""
+    overwrite: bool = False
+    """Allow writing into an output folder that holds another evaluation."""
+    tracking: TrackingConfig = TrackingConfig()
+    """MLflow tracking of the evaluation."""
+    storage: StorageConfig = StorageConfig()
+    """Retries and endpoint of the storage (dataset, predictions and output)."""
+    progress: bool = True
+    """Show a progress bar."""
+
+    @model_validator(mode="after")
+    def _check(self) -> "EvaluateConfig":
+        if self.predictions and self.model:
+            raise ValueError("give predictions=FOLDER or model=URI, not both")
+        if not self.predictions and not self.model:
+            raise ValueError("nothing to evaluate: pass predictions=FOLDER (mask PNGs named <sample key>.png)")
+        for name in ("box_draws", "resolution"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        if self.jitter_px < 0 or self.worst_cases < 0:
+            raise ValueError("jitter_px and worst_cases must be 0 or more")
+        if not 0 <= self.threshold < 255:
+            raise ValueError("threshold must be in 0..254")
+        return self
+
+    def job_identity(self) -> dict[str, Any]:
+        """What makes another evaluation (anything else, e.g. tracking, may change on a re-run)."""
+        return {k: getattr(self, k) for k in ("dataset", "split", "predictions", "model", "box_draws",
+                                              "jitter_px", "seed", "resolution", "threshold")}
+
+
+def model_predictor(cfg: EvaluateConfig) -> PredictFn:
+    """The predictor of ``cfg.model``. The SAM predictor comes with train-sam; until then a model
+    is evaluated through its predicted masks (or a ``predict_fn`` handed to ``run``)."""
+    raise ConfigError(f"model={cfg.model!r}: evaluating a model directly comes with train-sam; write its "
+                      "masks as <sample key>.png and pass predictions=FOLDER")
+
+
+class FolderPredictions:
+    """Masks from ``<uri>/<key>.png``, listed once; the same mask for every box draw."""
+
+    def __init__(self, uri: str, storage: StorageConfig, threshold: int = 127):
+        self.storage = open_storage(uri, storage)
+        self.threshold = threshold
+        self.available = {k[:-4] for k in self.storage.list("") if k.endswith(".png") and "/" not in k}
+        if not self.available:
+            raise ConfigError(f"{self.storage.uri} holds no .png predictions; name them <sample key>.png")
+        self.used: set[str] = set()
+        self.resized = 0
+
+    def __call__(self, sample: Sample, boxes: np.ndarray) -> np.ndarray:
+        if sample.key not in self.available:
+            raise MissingPrediction(sample.key)
+        self.used.add(sample.key)
+        pred = decode_png(self.storage.get_bytes(f"{sample.key}.png")) > self.threshold
+        if pred.shape != sample.image.shape[:2]:
+            from sonosynth.datasets.augment import resize_mask
+
+            self.resized += 1
+            pred = resize_mask(pred, sample.image.shape[:2]).numpy().astype(bool)
+        return pred
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe: NaN and infinities become None (summary.json never holds NaN)."""
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def _tables(rows: list[dict[str, Any]], folder: Path) -> list[Path]:
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pylist(rows) if rows else pa.table({"key": pa.array([], pa.string())})
+    pq.write_table(table, folder / "per_image.parquet")
+    flat = table.select([n for n in table.column_names if not n.endswith("_by_draw")])
+    pacsv.write_csv(flat, folder / "per_image.csv")
+    return [folder / "per_image.parquet", folder / "per_image.csv"]
+
+
+def run(cfg: EvaluateConfig, predict_fn: PredictFn | None = None) -> Report:
+    """Score every image of ``cfg.split`` that has a mask; see the module docstring."""
+    from sonosynth.datasets.reader import DatasetReader
+    from sonosynth.trainers.evaluation.segmentation import draw_boxes, overlay, plots, score_image, summarize
+
+    folder = None
+    if predict_fn is None:
+        if cfg.model:
+            predict_fn = model_predictor(cfg)
+        else:
+            predict_fn = folder = FolderPredictions(cfg.predictions, cfg.storage, cfg.threshold)
+    storage = open_storage(cfg.out, cfg.storage)
+    claim_output(storage, stage="evaluate", identity=cfg.job_identity(), config_yaml=cfg.to_yaml(),
+                 overwrite=cfg.overwrite)
+    reader = DatasetReader(cfg.dataset, split=cfg.split, storage=cfg.storage, distributed=False)
+    samples = reader.samples()
+    if cfg.progress:
+        from tqdm import tqdm
+
+        samples = tqdm(samples, total=len(reader), desc="evaluate", unit="image")
+    rows, missing, worst, no_mask = [], [], [], 0
+    for sample in samples:
+        if sample.mask is None:
+            no_mask += 1
+            continue
+        gt = sample.mask > 127
+        rng = np.random.default_rng(derive_seed("evaluate-box", cfg.seed, sample.key))
+        boxes = draw_boxes(gt, cfg.box_draws, cfg.jitter_px, rng)
+        try:
+            preds = np.asarray(predict_fn(sample, boxes))
+        except MissingPrediction:
+            missing.append(sample.key)
+            continue
+        meta = sample.meta
+        row = {"key": sample.key, "cohort": meta.get("cohort"), "source": meta.get("source"),
+               "split": meta.get("split"), "plane": meta.get("plane"), "width": int(gt.shape[1]),
+               "height": int(gt.shape[0]), "hc_official_mm": meta.get("hc_mm")}
+        row.update(score_image(gt, preds, boxes, pixel_size_mm=meta.get("pixel_size_mm"),
+                               resolution=cfg.resolution))
+        rows.append(row)
+        if cfg.worst_cases and (len(worst) < cfg.worst_cases or -row["dice"] > worst[0][0]):
+            first = preds if preds.ndim == 2 else preds[0]
+            entry = (-row["dice"], len(rows), sample.key, overlay(sample.image, gt, first, boxes[0]),
+                     row["box_baseline_dice"])
+            (heapq.heappush if len(worst) < cfg.worst_cases else heapq.heappushpop)(worst, entry)
+    summary = summarize(rows, cfg.resolution)
+    cohorts = sorted({r["cohort"] or "unknown" for r in rows})
+    summary["by_cohort"] = {c: summarize([r for r in rows if (r["cohort"] or "unknown") == c], cfg.resolution)
+                            for c in cohorts}
+    summary.update(missing_predictions=len(missing), missing_prediction_keys=missing, skipped_no_mask=no_mask,
+                   dataset=cfg.dataset, split=cfg.split, predictions=cfg.predictions, model=cfg.model,
+                   box_draws=cfg.box_draws, jitter_px=cfg.jitter_px, seed=cfg.seed, resolution=cfg.resolution)
+    if folder is not None:
+        summary.update(resized_predictions=folder.resized, unused_predictions=len(folder.available - folder.used))
+    summary = _clean(summary)
+    rows = [_clean(r) for r in rows]
+    with tempfile.TemporaryDirectory(prefix="sonosynth-evaluate-") as tmp:
+        files = _tables(rows, Path(tmp))
+        files += plots(rows, worst, Path(tmp)) if rows else []
+        (Path(tmp) / "summary.json").write_text(json.dumps(summary, indent=1, allow_nan=False))
+        files.append(Path(tmp) / "summary.json")
+        for path in files:
+            storage.put_file(path.name, path)
+        tracking = _track(cfg, summary, files)
+    return _report(cfg, storage.url(""), summary, [p.name for p in files], tracking)
+
+
+def _track(cfg: EvaluateConfig, summary: dict[str, Any], files: list[Path]) -> dict[str, Any]:
+    tracker = Tracker(cfg.tracking, experiment="sonosynth-evaluate", offline_dir=offline_dir_for(cfg.out))
+    tracker.start(tags={"sonosynth.stage": "evaluate", "sonosynth.out": cfg.out,
+                        "sonosynth.dataset": cfg.dataset})
+    tracker.log_params(cfg.flat())
+
+    def numbers(d: dict[str, Any], prefix: str = "") -> dict[str, float]:
+        return {prefix + k: float(v) for k, v in d.items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None}
+
+    metrics = numbers(summary)
+    for cohort, figures in summary["by_cohort"].items():
+        metrics.update(numbers(figures, f"{cohort}/"))
+    tracker.log_metrics(metrics, 0)
+    for path in files:
+        tracker.log_artifact(path)
+    tracker.close("FINISHED")
+    return {"uri": tracker.uri if tracker.enabled else None, "run_id": tracker.run_id, "offline": tracker.offline}
+
+
+def _fmt(v: Any) -> str:
+    return "n/a" if v is None else f"{v:.4f}"
+
+
+def _report(cfg: EvaluateConfig, out: str, summary: dict[str, Any], names: list[str],
+            tracking: dict[str, Any]) -> Report:
+    n, missing = summary["n_images"], summary["missing_predictions"]
+    lines = [f"scored {n} images of {cfg.dataset} (split {cfg.split or 'all'}) with {cfg.box_draws} box draws",
+             f"  Dice {_fmt(summary['dice_mean'])} (box baseline {_fmt(summary['box_baseline_dice_mean'])}), "
+             f"IoU {_fmt(summary['iou_mean'])}, HD95 {_fmt(summary['hd95_px_mean'])} px, "
+             f"HC error {_fmt(summary['hc_abs_err_px_mean'])} px"]
+    lines += [f"  {c}: {f['n_images']} images, Dice {_fmt(f['dice_mean'])}" for c, f in summary["by_cohort"].items()]
+    if missing:
+        shown = ", ".join(summary["missing_prediction_keys"][:5])
+        lines.append(f"  WARNING: {missing} images have no prediction ({shown}{' ...' if missing > 5 else ''}); "
+                     f"expected <sample key>.png in {cfg.predictions or 'the predictor'}")
+    if tracking.get("offline"):
+        lines.append("warning: MLflow was unreachable; see tracking-offline/ and `sonosynth tracking-replay`")
+    failed = None
+    if n == 0:
+        failed = (f"no image was scored ({missing} without a prediction, {summary['skipped_no_mask']} without a "
+                  f"mask); check the split and that predictions are named <sample key>.png")
+    elif missing and cfg.fail_on_missing:
+        failed = f"{missing} images have no prediction and fail_on_missing is on"
+    base = out.rstrip("/")
+    return Report(stage="evaluate", out=out, text="\n".join(lines), failed=failed, tracking=tracking,
+                  figures={k: v for k, v in summary.items() if k != "missing_prediction_keys"},
+                  outputs={name.rsplit(".", 1)[0] if name != "per_image.csv" else "per_image_csv": f"{base}/{name}"
+                           for name in names})
+
+
+__all__ = ["EvaluateConfig", "FolderPredictions", "MissingPrediction", "PredictFn", "model_predictor", "run"]

@@ -1,0 +1,3 @@
+"""Evaluation metrics shared by the stages: ``segmentation`` (Dice, IoU, HD95, head
+circumference, the box-prompt baseline; ``sonosynth evaluate`` and train-sam) and
+``classification`` (plane classification metrics)."""
