@@ -2,26 +2,35 @@
 
 ``DatasetReader`` is a torch ``IterableDataset``: shards are divided among ranks
 (``torch.distributed``) and DataLoader workers, streamed through the storage layer (no
-local copy), optionally shuffled (shard order plus a sample buffer, reseeded per epoch by
-``set_epoch``), filtered by split or by key, and decoded to tensors. ``mix`` combines
-readers: ``counts`` takes exactly that many samples from each dataset (a seeded choice
-from its manifest, e.g. 20 real + 495 synthetic), ``ratios`` draws from each with those
-probabilities until the first is exhausted.
+local copy), optionally shuffled (shard order plus a buffer of still-encoded records,
+reseeded per epoch by ``set_epoch``), filtered by split or by key (from the manifest, before
+anything is decoded), and decoded to tensors. ``mix`` combines readers: ``counts`` takes
+exactly that many samples from each dataset (a seeded choice from its manifest, e.g. 20 real
++ 495 synthetic), ``ratios`` draws from each with those probabilities until the first is
+exhausted. For map-style access (a sampler, exact counts) see ``sonosynth.datasets.indexed``.
+
+The hot path is lean on purpose (issue 13): tar headers are parsed here (``tar_members``,
+1 MiB reads) rather than by ``tarfile`` and WebDataset's per-sample stages, each PNG is
+decoded once, and inside a DataLoader worker the pixels of consecutive samples are packed
+into one shared-memory block (``PixelArena``), so a batch reaches the main process as one
+or two shared blocks instead of two per sample. The shards stay plain WebDataset tars.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import random
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
 from sonosynth.datasets.manifest import read_manifest
-from sonosynth.datasets.records import Sample
+from sonosynth.datasets.records import Sample, decode_png
 from sonosynth.datasets.shards import SHARDS_DIR
+from sonosynth.datasets.tario import tar_records
 from sonosynth.infra.config import Config
 from sonosynth.infra.storage import StorageConfig, StorageError, open_storage
 
@@ -39,6 +48,46 @@ def to_tensors(sample: Sample) -> dict[str, Any]:
 def collate_list(batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Keep a batch as a list (samples differ in size until a transform resizes them)."""
     return batch
+
+
+# ---- tar members and WebDataset records, without tarfile ----------------------------------
+
+class PixelArena:
+    """Makes the [1,H,W] uint8 tensors of decoded images. Inside a DataLoader worker,
+    consecutive ones are views into one shared-memory block (each shared storage costs a file
+    descriptor handoff to the main process, which dominated the batch transfer); elsewhere
+    each tensor owns its memory. A block lives while any tensor in it does: ``.clone()`` what
+    you keep for long."""
+
+    def __init__(self, block_bytes: int = 4 << 20):
+        self.block_bytes, self.shared = block_bytes, get_worker_info() is not None
+        self.block: torch.Tensor | None = None
+        self.used = 0
+
+    def tensor(self, pixels: np.ndarray) -> torch.Tensor:
+        if not self.shared:
+            return torch.from_numpy(np.array(pixels, dtype=np.uint8, copy=True))[None]
+        n = pixels.size
+        if self.block is None or self.used + n > self.block.numel():
+            self.block, self.used = _shared_block(max(n, self.block_bytes)), 0
+        out = self.block[self.used:self.used + n]
+        self.used += (n + 63) & ~63
+        out.numpy()[:] = pixels.reshape(-1)
+        return out.view(1, *pixels.shape)
+
+
+def _shared_block(nbytes: int) -> torch.Tensor:
+    """A uint8 tensor already in shared memory (no move, hence no copy, when it is pickled)."""
+    new_shared = getattr(torch.UntypedStorage, "_new_shared", None)
+    if new_shared is None:
+        return torch.empty(nbytes, dtype=torch.uint8).share_memory_()
+    return torch.empty(0, dtype=torch.uint8).set_(new_shared(nbytes), 0, (nbytes,), (1,))
+
+
+def decode_item(key: str, image: bytes, mask: bytes | None, meta: bytes, arena: PixelArena) -> dict[str, Any]:
+    """The reader's item: {key, image: uint8 [1,H,W], mask: uint8 [1,H,W] or None, meta}."""
+    return {"key": key, "image": arena.tensor(decode_png(image)),
+            "mask": arena.tensor(decode_png(mask)) if mask is not None else None, "meta": json.loads(meta)}
 
 
 def _rank_and_world() -> tuple[int, int]:
@@ -70,16 +119,18 @@ class DatasetReader(IterableDataset):
         self.epoch = 0
         self.transform = transform
         self.storage_config = storage or StorageConfig()
+        self.wanted: frozenset[str] | None = None
+        """Keys to yield (from the manifest), or None for every sample of the shards."""
         self.shards = self._find_shards()
 
     def _find_shards(self) -> list[str]:
         storage = open_storage(self.uri, self.storage_config)
         if self.keys is not None or self.split is not None:
             table = read_manifest(storage).to_pydict()
-            wanted = {s for k, s, sp in zip(table["key"], table["shard"], table["split"])
-                      if (self.keys is None or k in self.keys)
-                      and (self.split is None or sp == self.split)}
-            return sorted(wanted)
+            rows = [(k, s) for k, s, sp in zip(table["key"], table["shard"], table["split"])
+                    if (self.keys is None or k in self.keys) and (self.split is None or sp == self.split)]
+            self.wanted = frozenset(k for k, _ in rows)
+            return sorted({s for _, s in rows})
         shards = [k for k in storage.list(f"{SHARDS_DIR}/") if k.endswith(".tar")]
         if not shards:
             raise StorageError(f"{storage.uri} has no {SHARDS_DIR}/*.tar: is it a sonosynth dataset?")
@@ -90,9 +141,9 @@ class DatasetReader(IterableDataset):
 
     def __len__(self) -> int:
         """Samples this reader yields in one pass over all ranks and workers (from the manifest)."""
-        table = read_manifest(open_storage(self.uri, self.storage_config)).to_pydict()
-        return sum(1 for k, sp in zip(table["key"], table["split"])
-                   if (self.keys is None or k in self.keys) and (self.split is None or sp == self.split))
+        if self.wanted is not None:
+            return len(self.wanted)
+        return len(read_manifest(open_storage(self.uri, self.storage_config)).column("key"))
 
     def _my_shards(self) -> list[str]:
         shards = list(self.shards)
@@ -103,32 +154,40 @@ class DatasetReader(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         return shards[rank * workers + worker::world * workers]
 
+    def _storage(self):
+        """This process's storage client (an S3 client is made once per process, not per epoch)."""
+        cached = self.__dict__.get("_client")
+        if cached is None or cached[0] != os.getpid():
+            cached = self._client = (os.getpid(), open_storage(self.uri, self.storage_config))
+        return cached[1]
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "_client"}
+
     def records(self) -> Iterator[dict[str, Any]]:
-        """Raw WebDataset records (bytes per extension) of this worker's shards."""
-        storage = open_storage(self.uri, self.storage_config)
+        """Raw WebDataset records (bytes per extension) of this worker's wanted samples."""
+        storage = self._storage()
         for shard in self._my_shards():
             stream = storage.open_read(shard)
             try:
-                files = wds.tariterators.tar_file_expander([{"url": storage.url(shard), "stream": stream}])
-                yield from wds.tariterators.group_by_keys(files)
+                for record in tar_records(stream, storage.url(shard)):
+                    if self.wanted is None or record["__key__"] in self.wanted:
+                        yield record
             finally:
                 stream.close()
 
     def samples(self) -> Iterator[Sample]:
+        """Decoded samples (numpy arrays), in shard order, with no shuffling."""
         for record in self.records():
-            if self.keys is not None and record["__key__"] not in self.keys:
-                continue
-            sample = Sample.from_wds(record)
-            if self.split is not None and sample.meta.get("split") != self.split:
-                continue
-            yield sample
+            yield Sample.from_wds(record)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        stream: Iterator[Sample] = self.samples()
-        if self.shuffle_buffer > 1:
-            stream = _buffer_shuffle(stream, self.shuffle_buffer, random.Random(f"{self.seed}:{self.epoch}:b"))
-        for sample in stream:
-            item = to_tensors(sample)
+        records = self.records()
+        if self.shuffle_buffer > 1:  # shuffled before decoding: the buffer holds PNG bytes
+            records = _buffer_shuffle(records, self.shuffle_buffer, random.Random(f"{self.seed}:{self.epoch}:b"))
+        arena = PixelArena()
+        for r in records:
+            item = decode_item(r["__key__"], r["image.png"], r.get("mask.png"), r["meta.json"], arena)
             yield self.transform(item) if self.transform else item
 
 

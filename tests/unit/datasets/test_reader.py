@@ -1,6 +1,9 @@
 from __future__ import annotations
 
+import io
+import tarfile
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,6 +12,7 @@ from torch.utils.data import DataLoader
 
 from sonosynth.datasets.ingest import IngestConfig, run_ingest
 from sonosynth.datasets.reader import DatasetReader, DataSource, collate_list, mix
+from sonosynth.datasets.tario import TarError, tar_members, tar_records
 from sonosynth.infra.config import build
 
 
@@ -85,3 +89,58 @@ def test_mix_rejects_mixed_modes_and_oversized_counts(two_datasets):
         mix([DataSource(uri=a, count=3), DataSource(uri=b, ratio=0.5)])
     with pytest.raises(ValueError, match="Lower the count"):
         mix([DataSource(uri=a, count=999, split=None)])
+
+
+def test_workers_give_the_same_tensors_as_the_main_process(two_datasets):
+    a, _ = two_datasets
+    plain = {s["key"]: s for s in DatasetReader(a)}
+    loader = DataLoader(DatasetReader(a), batch_size=8, num_workers=2, collate_fn=collate_list)
+    items = [s for batch in loader for s in batch]
+    assert sorted(s["key"] for s in items) == sorted(plain)
+    for s in items:
+        ref = plain[s["key"]]
+        assert torch.equal(s["image"], ref["image"]) and torch.equal(s["mask"], ref["mask"])
+        assert s["meta"] == ref["meta"] and s["image"].shape == (1, 48, 48)
+    first = items[0]["image"]  # packed into a shared block with its batch
+    assert first.untyped_storage().nbytes() > first.numel() and first.is_shared()
+    assert plain[items[0]["key"]]["image"].untyped_storage().nbytes() == 48 * 48
+
+
+def test_records_match_webdatasets_own_tar_reader(two_datasets):
+    a, _ = two_datasets
+    shard = sorted(Path(a, "shards").glob("*.tar"))[0]
+    with open(shard, "rb") as fh:
+        ours = list(tar_records(fh, str(shard)))
+    theirs = list(wds.tariterators.group_by_keys(wds.tariterators.tar_file_expander(
+        [{"url": str(shard), "stream": open(shard, "rb")}])))
+    assert [{k: v for k, v in r.items() if k != "__url__"} for r in ours] == \
+        [{k: v for k, v in r.items() if k not in ("__url__", "__local_path__")} for r in theirs]
+
+
+@pytest.mark.parametrize("fmt", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT])
+def test_tar_members_agree_with_tarfile(tmp_path, fmt):
+    path = tmp_path / "t.tar"
+    names = ["a/b/k1.image.png", "k2.meta.json", "dir/" + "x" * 120 + ".txt", "plain.bin", "ü-näme.json"]
+    if fmt == tarfile.USTAR_FORMAT:
+        names = [n for n in names if len(n) < 100 and n.isascii()]
+    with tarfile.open(path, "w", format=fmt) as tf:
+        d = tarfile.TarInfo("somedir")
+        d.type = tarfile.DIRTYPE
+        tf.addfile(d)
+        for i, name in enumerate(names):
+            data = bytes(range(256)) * (i * 3) + b"z" * i
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime = len(data), 1.5
+            tf.addfile(info, io.BytesIO(data))
+    with tarfile.open(path) as tf:
+        want = [(m.name, m.offset_data, m.size, tf.extractfile(m).read()) for m in tf.getmembers() if m.isfile()]
+    with open(path, "rb") as fh:
+        assert list(tar_members(fh)) == want
+    with open(path, "rb") as fh:
+        assert [m[:3] for m in tar_members(fh, data=False)] == [m[:3] for m in want]
+    damaged = bytearray(path.read_bytes())
+    damaged[want[1][1] - 512 + 10] ^= 0xFF  # a byte of the second member's header
+    with pytest.raises(TarError, match="no valid tar header"):
+        list(tar_members(io.BytesIO(bytes(damaged))))
+    with pytest.raises(TarError, match="truncated"):
+        list(tar_members(io.BytesIO(path.read_bytes()[:want[1][1] + 100])))
