@@ -222,6 +222,28 @@ def evaluate(
 
 
 @app.command()
+def sweep(
+    recipe: RecipeArg,
+    out: Out = None,
+    set_: Overrides = None,
+) -> None:
+    """Run one stage over a grid of overrides, then write the results table from MLflow.
+
+    The sweep recipe names the stage, its base recipe and the grid (each axis maps labels to
+    overrides); every combination is a cell with its own output folder under OUT, run by the
+    stage itself, so finished cells are skipped and a killed sweep resumes. With an evaluate
+    section each cell's model is also scored. OUT gets results.csv and results.md (one row
+    per cell, the metrics read back from the MLflow runs) and summary.json.
+
+    Example:
+
+    \b
+        sonosynth sweep sam_paper_a_sweep --out s3://bucket/sweeps/paper-a
+    """
+    _run_stage("sweep", recipe, {"out": out}, set_)
+
+
+@app.command()
 def inspect(
     dataset: Annotated[str, typer.Argument(metavar="DATASET", help="Dataset folder or s3:// prefix.")],
     grid: Annotated[Optional[str], typer.Option(help="Write a PNG grid of samples with masks here.")] = None,

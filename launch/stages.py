@@ -78,11 +78,18 @@ def _evaluate():
     return EvaluateConfig, run
 
 
+def _sweep():
+    from sonosynth.launch.sweep import SweepConfig, run
+
+    return SweepConfig, run
+
+
 STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("ingest", "a real cohort (or the phantom) -> WebDataset shards + manifest", _ingest),
     Stage("train-lora", "a Stable Diffusion LoRA (joint image+mask, or one caption per plane)", _train_lora),
     Stage("generate", "synthetic image+mask pairs (or plane images) from a LoRA, on Ray", _generate),
     Stage("evaluate", "score segmentation masks per image and per cohort, beside the box baseline", _evaluate),
+    Stage("sweep", "one stage over a grid of overrides; the results table read back from MLflow", _sweep),
 )}
 
 

@@ -55,17 +55,17 @@ def test_config_lists_documented_fields_stages_and_recipes():
     assert res.returncode == 0 and "shards.max_samples (int, default 256): Samples per shard" in res.stdout
     res = _run("config")
     assert res.returncode == 0 and [line.split()[0] for line in res.stdout.splitlines()] == [
-        "ingest", "train-lora", "generate", "evaluate"]
+        "ingest", "train-lora", "generate", "evaluate", "sweep"]
     res = _run("config", "--recipes")
     assert res.returncode == 0 and {"demo", "lora_joint_tiny", "generate_tiny"} <= set(res.stdout.split())
     res = _run("config", "train-sam-typo")
-    assert res.returncode == 2 and "stages are ingest, train-lora, generate, evaluate" in res.stderr
+    assert res.returncode == 2 and "stages are ingest, train-lora, generate, evaluate, sweep" in res.stderr
 
 
 def test_every_stage_verb_takes_the_recipe_first(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("out: x\nnot_a_field: 1\n")
-    for verb in ("ingest", "train-lora", "generate"):
+    for verb in ("ingest", "train-lora", "generate", "evaluate", "sweep"):
         res = _run(verb, str(bad))
         assert res.returncode == 2 and "not_a_field: unknown key" in res.stderr, (verb, res.stderr)
         res = _run(verb, "no_such_recipe")

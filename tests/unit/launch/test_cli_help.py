@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 SONOSYNTH = str(Path(sys.executable).with_name("sonosynth"))
-VERBS = ["ingest", "train-lora", "generate", "evaluate", "inspect", "demo", "config", "tracking-replay"]
+VERBS = ["ingest", "train-lora", "generate", "evaluate", "sweep", "inspect", "demo", "config", "tracking-replay"]
 
 
 def _help(*args: str) -> str:
