@@ -25,214 +25,28 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import resource
 import tempfile
 import time
-from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
-import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
+from torch.utils.data import DataLoader
 
 from sonosynth.infra.config import ConfigError
 from sonosynth.infra.jobdir import offline_dir_for
 from sonosynth.infra.seeds import derive_seed
 from sonosynth.infra.storage import Storage, open_storage
 from sonosynth.infra.tracking import Tracker
+from sonosynth.trainers.batching import (  # noqa: F401 - example_indices, noise_seed: part of the engine's API
+    ShareBatches, SeededExamples, StepBatches, example_indices, make_loader, noise_seed, to_device,
+)
+from sonosynth.trainers.task import TrainTask, WorkerContext
 
 TRACKING_RECORD = "tracking.json"
 SUMMARY = "summary.json"
 
-
-@dataclass
-class WorkerContext:
-    rank: int
-    world: int
-    local_rank: int
-    device: torch.device
-    storage: Storage
-    step: int = 0
-    """While training: the 0-based step being trained; while evaluating: the steps done (the
-    step the evaluation's metrics are logged at)."""
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if torch.distributed.is_initialized():
-            torch.distributed.barrier()
-
-    def all_gather(self, obj: Any) -> list[Any]:
-        if not torch.distributed.is_initialized() or self.world == 1:
-            return [obj]
-        out: list[Any] = [None] * self.world
-        torch.distributed.all_gather_object(out, obj)
-        return out
-
-    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Sum ``tensor`` across ranks in place (a device tensor: NCCL reduces only GPU tensors)."""
-        if torch.distributed.is_initialized() and self.world > 1:
-            torch.distributed.all_reduce(tensor)
-        return tensor
-
-
-class TrainTask:
-    """One recipe family's model, data, loss and export, built on every rank from the stage config.
-
-    The engine calls, in order: ``train_dataset()``, ``eval_dataset()``, ``module()``,
-    ``param_groups(module)``, then (rank 0, fresh job) ``on_start(tracker)``, then per
-    micro-batch ``module.forward(batch, generator)`` where ``batch = collate(items)`` moved to
-    the device, per evaluation batch ``eval_step(module, batch)``, and (rank 0) at the end
-    ``export(module, folder, tracker)``. ``docs/architecture.md`` walks through a toy task.
-    """
-
-    def __init__(self, cfg, ctx: WorkerContext):
-        self.cfg, self.ctx = cfg, ctx
-
-    def train_dataset(self) -> Dataset:
-        """Map-style training examples (``len`` and ``[i]``). Draw augmentation from the global
-        random/numpy/torch RNGs: the engine seeds them per example."""
-        raise NotImplementedError
-
-    def eval_dataset(self) -> Dataset | None:
-        """The validation split (never test: the best checkpoint is chosen on it); None: no evaluation."""
-        return None
-
-    def collate(self, items: list[Any]) -> Any:
-        """Examples -> one batch (dicts, lists and tuples of tensors are moved to the device)."""
-        return default_collate(items)
-
-    def module(self) -> torch.nn.Module:
-        """The nn.Module DeepSpeed wraps. ``forward(batch, generator)`` returns the scalar loss, or
-        (loss, {name: scalar}) whose metrics are averaged across ranks and logged as train/<name>.
-        All randomness comes from ``generator`` (or the global torch RNG, seeded per micro-batch)."""
-        raise NotImplementedError
-
-    def param_groups(self, module: torch.nn.Module) -> list[dict]:
-        """Optimizer groups; a group may carry its own ``lr``. Default: every trainable parameter."""
-        return [{"params": [p for p in module.parameters() if p.requires_grad]}]
-
-    def eval_step(self, module: torch.nn.Module, batch: Any) -> dict[str, Any]:
-        """Metrics of one evaluation batch (no grad, module in eval mode): ``name: (sum, count)`` is
-        averaged (sum of sums / sum of counts over every batch of every rank); ``name: value`` is
-        summed. Name them by split, e.g. ``val/dice``."""
-        raise NotImplementedError(f"{type(self).__name__} has an eval_dataset but no eval_step")
-
-    def on_start(self, tracker: Tracker) -> None:
-        """Log what the model will see (rank 0, once per job)."""
-
-    def export(self, module: torch.nn.Module, folder: Path, tracker: Tracker) -> dict[str, Any]:
-        """Write the job's model into ``folder`` (rank 0); returns its lineage (the engine writes it
-        to ``folder/lineage.json``, MLflow and summary.json, and adds ``config.yaml``)."""
-        raise NotImplementedError
-
-
-# -- data order ---------------------------------------------------------------------------------
-
-@lru_cache(maxsize=8)
-def _permutation(n: int, seed: int, epoch: int) -> np.ndarray:
-    return np.random.default_rng([seed, epoch]).permutation(n)
-
-
-def example_indices(n: int, seed: int, *, step: int, micro: int, rank: int, world: int,
-                    micro_batch: int, grad_accum: int) -> list[int]:
-    """The examples of one rank's micro-batch: a seeded permutation per epoch, read in order."""
-    start = ((step * grad_accum + micro) * world + rank) * micro_batch
-    return [int(_permutation(n, seed, p // n)[p % n]) for p in range(start, start + micro_batch)]
-
-
-def noise_seed(seed: int, step: int, micro: int, rank: int) -> int:
-    return derive_seed(seed, step, micro, rank)
-
-
-class StepBatches(Sampler):
-    """Batch sampler of one rank: its micro-batches from step ``start`` to ``total``.
-
-    Each batch is a list of (example index, example seed) keys, a pure function of (seed,
-    step, micro, rank): a resumed job gets exactly the batches the uninterrupted job would."""
-
-    def __init__(self, n: int, seed: int, *, start: int, total: int, rank: int, world: int,
-                 micro_batch: int, grad_accum: int):
-        self.n, self.seed, self.start, self.total = n, seed, start, total
-        self.rank, self.world, self.micro_batch, self.grad_accum = rank, world, micro_batch, grad_accum
-
-    def __len__(self) -> int:
-        return max(0, self.total - self.start) * self.grad_accum
-
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        for step in range(self.start, self.total):
-            for micro in range(self.grad_accum):
-                idx = example_indices(self.n, self.seed, step=step, micro=micro, rank=self.rank, world=self.world,
-                                      micro_batch=self.micro_batch, grad_accum=self.grad_accum)
-                yield [(i, derive_seed(self.seed, "example", step, micro, self.rank, k)) for k, i in enumerate(idx)]
-
-
-class ShareBatches(Sampler):
-    """Batch sampler of one rank's share of an evaluation set (examples rank, rank + world, ...),
-    each example with a fixed seed: every evaluation sees the same inputs."""
-
-    def __init__(self, n: int, seed: int, *, rank: int, world: int, batch: int):
-        self.keys = [(i, derive_seed(seed, "eval", i)) for i in range(rank, n, world)]
-        self.batch = batch
-
-    def __len__(self) -> int:
-        return math.ceil(len(self.keys) / self.batch)
-
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        for i in range(0, len(self.keys), self.batch):
-            yield self.keys[i:i + self.batch]
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python's, numpy's and torch's (CPU) global RNGs."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.random.default_generator.manual_seed(seed)
-
-
-class SeededExamples(Dataset):
-    """``dataset[i]`` with the global RNGs seeded from the key's seed, in whichever process loads it."""
-
-    def __init__(self, dataset: Dataset):
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, key: tuple[int, int]) -> Any:
-        index, seed = key
-        seed_everything(seed)
-        return self.dataset[index]
-
-
-def make_loader(dataset: Dataset, batches: Sampler, collate, *, workers: int, prefetch: int, pin: bool,
-                persistent: bool = False) -> DataLoader:
-    kwargs: dict[str, Any] = {}
-    if workers > 0:
-        kwargs.update(prefetch_factor=prefetch, persistent_workers=persistent)
-    return DataLoader(SeededExamples(dataset), batch_sampler=batches, collate_fn=collate, num_workers=workers,
-                      pin_memory=pin, **kwargs)
-
-
-def to_device(obj: Any, device: torch.device, non_blocking: bool = False) -> Any:
-    """Tensors in (nested) dicts, lists and tuples moved to ``device``; anything else as is."""
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device, non_blocking=non_blocking)
-    if isinstance(obj, Mapping):
-        return {k: to_device(v, device, non_blocking) for k, v in obj.items()}
-    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
-        return type(obj)(*(to_device(v, device, non_blocking) for v in obj))
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(to_device(v, device, non_blocking) for v in obj)
-    return obj
-
-
-# -- metrics ------------------------------------------------------------------------------------
 
 def split_output(out: Any) -> tuple[torch.Tensor, dict[str, Any]]:
     """``forward``'s result as (loss, metrics)."""

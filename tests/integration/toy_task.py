@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from sonosynth.trainers.config import TrainStageConfig
-from sonosynth.trainers.engine import TrainTask
+from sonosynth.trainers.task import TrainTask
 from sonosynth.trainers.tasks import register_task
 
 

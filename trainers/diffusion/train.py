@@ -24,7 +24,7 @@ from sonosynth.trainers.config import TrainStageConfig
 from sonosynth.trainers.diffusion.data import Example, ExampleDataset, LoraDataConfig, load_examples
 from sonosynth.trainers.diffusion.lora import LoraConfig, add_lora, lora_parameters, save_lora
 from sonosynth.trainers.diffusion.models import DiffusionModelConfig, build_components, build_pipeline
-from sonosynth.trainers.engine import TrainTask, WorkerContext
+from sonosynth.trainers.task import TrainTask, WorkerContext
 from sonosynth.trainers.tasks import register_task
 
 

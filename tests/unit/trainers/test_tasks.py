@@ -3,13 +3,13 @@ import sys
 
 import pytest
 
-from sonosynth.trainers.engine import TrainTask
+from sonosynth.trainers.task import TrainTask
 from sonosynth.trainers.tasks import get_task, pack_job, register_task, registered_tasks
 
 PLUGIN = '''
 from typing import ClassVar
 from sonosynth.trainers.config import TrainStageConfig
-from sonosynth.trainers.engine import TrainTask
+from sonosynth.trainers.task import TrainTask
 from sonosynth.trainers.tasks import register_task
 
 
