@@ -10,24 +10,8 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader
 
-from sonosynth.datasets.ingest import IngestConfig, run_ingest
 from sonosynth.datasets.reader import DatasetReader, DataSource, collate_list, mix
 from sonosynth.datasets.tario import TarError, tar_members, tar_records
-from sonosynth.infra.config import build
-
-
-def _dataset(path, num, seed=0, planes=("brain",)):
-    cfg = build(IngestConfig, {"cohort": {"name": "phantom", "phantom": {
-        "num": num, "height": 48, "width": 48, "seed": seed, "planes": list(planes)}},
-        "out": str(path), "shards": {"max_samples": 5}})
-    run_ingest(cfg, progress=False)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def two_datasets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ds")
-    return _dataset(root / "a", 40), _dataset(root / "b", 30, seed=1, planes=("brain", "femur"))
 
 
 def test_plain_webdataset_reads_the_shards(two_datasets):
