@@ -26,6 +26,8 @@ class PluginTask(TrainTask):
 
 
 def test_register_and_find_a_task():
+    import sonosynth.trainers.diffusion.train  # noqa: F401 - registers "lora"
+
     @register_task("unit-a")
     class A(TrainTask):
         pass
@@ -61,3 +63,18 @@ def test_a_task_from_a_module_the_workers_cannot_import_travels_by_value(tmp_pat
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.split("\n")[-2] == "PluginConfig 7 True plugin of width 7"
+
+
+def test_the_same_task_file_loaded_under_two_module_names_registers_once(tmp_path):
+    """A test module imported by two test files (under two names) is still one task."""
+    import importlib.util
+
+    path = tmp_path / "twice_mod.py"
+    path.write_text(PLUGIN.replace("plugin-test", "twice-test"))
+    classes = []
+    for name in ("twice_a", "twice_b"):
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        classes.append(module.PluginTask)
+    assert classes[0] is not classes[1] and get_task("twice-test") is classes[1]
