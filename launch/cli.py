@@ -374,6 +374,11 @@ def tracking_replay(
     typer.echo(f"delivered to run {run_id}")
 
 
+from sonosynth.launch.cli_cluster import register as _register_cluster  # noqa: E402 - verbs defined there
+
+_register_cluster(app)
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     app(prog_name="sonosynth")

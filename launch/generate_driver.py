@@ -40,22 +40,38 @@ def _lora_payload(cfg: GenerateConfig) -> tuple[dict[str, bytes] | None, str | N
 
 
 def _actor_count(cfg: GenerateConfig) -> tuple[int, bool]:
+    """(sampler actors, on GPU?): ``workers`` if set, else one per GPU of every alive node, else
+    one per ``cpus_per_worker`` CPUs of every alive node (counted per node: CPUs split across
+    nodes do not add up to an actor)."""
     import ray
 
-    gpus = int(ray.cluster_resources().get("GPU", 0))
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    gpus = sum(int(r.get("GPU", 0)) for r in nodes)
     if cfg.workers is not None:
         return cfg.workers, gpus >= cfg.workers
     if gpus:
         return gpus, True
-    return max(1, int(ray.cluster_resources().get("CPU", 1)) // cfg.cpus_per_worker), False
+    return max(1, sum(int(r.get("CPU", 0)) // cfg.cpus_per_worker for r in nodes)), False
+
+
+def _actor_options(cfg: GenerateConfig, use_gpu: bool) -> dict[str, Any]:
+    """Placement: each actor holds one GPU (or ``cpus_per_worker`` CPUs) and the actors are
+    SPREAD over the nodes, so a multi-node cluster gets one per GPU on every node rather than
+    the first nodes packed; on an autoscaling cluster the actors that do not fit yet wait for
+    the nodes they ask for."""
+    return dict(num_cpus=cfg.cpus_per_worker, num_gpus=1 if use_gpu else 0, max_restarts=cfg.max_restarts,
+                max_task_retries=cfg.max_task_retries, max_concurrency=IN_FLIGHT_PER_ACTOR,
+                scheduling_strategy="SPREAD")
 
 
 def _run_tasks(cfg: GenerateConfig, plan: JobPlan, todo: list[dict], lora_files, lora_sha, on_done) -> float:
     """Sample ``todo`` on actors; ``on_done(result)`` per finished shard. Returns seconds.
 
     Retries are Ray's: an actor that dies is restarted (``max_restarts``) and the call it
-    was running is retried on it (``max_task_retries``); shard tasks are idempotent. A task
-    that still fails ends the job; re-running it resumes from the shards already written.
+    was running is retried on it (``max_task_retries``); shard tasks are idempotent. An actor
+    left with nothing to do once every task is handed out is released, so that an actor
+    restarting after its node was lost finds room on the nodes that are left. A task that
+    still fails ends the job; re-running it resumes from the shards already written.
     """
     import ray
 
@@ -64,19 +80,19 @@ def _run_tasks(cfg: GenerateConfig, plan: JobPlan, todo: list[dict], lora_files,
     connect(cfg.ray)
     n_actors, use_gpu = _actor_count(cfg)
     n_actors = min(n_actors, len(todo))
-    actor_cls = ray.remote(SamplerWorker).options(
-        num_cpus=cfg.cpus_per_worker, num_gpus=1 if use_gpu else 0, max_restarts=cfg.max_restarts,
-        max_task_retries=cfg.max_task_retries, max_concurrency=IN_FLIGHT_PER_ACTOR)
+    actor_cls = ray.remote(SamplerWorker).options(**_actor_options(cfg, use_gpu))
     plan_dict = dataclasses.asdict(plan)
     plan_dict["tasks"] = []
     files_ref = ray.put(lora_files)
     actors = [actor_cls.remote(cfg.to_dict(), plan_dict, files_ref, lora_sha) for _ in range(n_actors)]
     queue, in_flight = list(todo), {}
+    busy = {id(a): 0 for a in actors}
     t0 = time.perf_counter()
 
     def submit(actor) -> None:
         task = queue.pop(0)
         in_flight[actor.run_shard.remote(task)] = (actor, task)
+        busy[id(actor)] += 1
 
     for actor in actors:
         for _ in range(IN_FLIGHT_PER_ACTOR):
@@ -85,14 +101,21 @@ def _run_tasks(cfg: GenerateConfig, plan: JobPlan, todo: list[dict], lora_files,
     while in_flight:
         ready, _ = ray.wait(list(in_flight), num_returns=1)
         actor, task = in_flight.pop(ready[0])
+        busy[id(actor)] -= 1
         try:
             result = ray.get(ready[0])
+        except ray.exceptions.ObjectLostError:  # the result was lost with its node: do the task again
+            queue.append(task)
+            result = None
         except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as err:
             raise GenerationError(f"shard {task['shard_index']} failed after Ray's retries ({err}); "
                                   f"re-running the same command resumes from the shards already written") from err
-        on_done(result)
+        if result is not None:
+            on_done(result)
         if queue:
             submit(actor)
+        elif busy[id(actor)] == 0 and in_flight:
+            ray.kill(actor, no_restart=True)  # idle for good: give its GPU/CPUs to a restarting actor
     return time.perf_counter() - t0
 
 

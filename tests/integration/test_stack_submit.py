@@ -1,0 +1,220 @@
+"""The cluster path on one machine: `sonosynth stack up` (a real Ray head with its job server and
+token auth, a real MLflow server with artifacts in S3, a real moto_server), then stages sent as
+Ray jobs with `sonosynth submit`, read back from MLflow and S3, and `stack down` leaving no
+process behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from sonosynth.infra.local import stack
+
+pytestmark = pytest.mark.integration
+SONOSYNTH = str(Path(sys.executable).with_name("sonosynth"))
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run(args: list[str], env: dict, cwd: Path, timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([SONOSYNTH, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert proc.returncode == 0, f"sonosynth {' '.join(args)} -> {proc.returncode}:\n" \
+                                     f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("stack-submit")
+
+
+@pytest.fixture(scope="module")
+def up(work):
+    """`sonosynth stack up`; the environment of its env.sh; `stack down` at the end whatever happens."""
+    folder = work / "stack"
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_", "AWS_"))}
+    t0 = time.monotonic()
+    proc = run(["stack", "up", "--dir", str(folder), "--ray-cpus", "2"], base, work, timeout=400)
+    state = stack.load_state(folder)
+    env = {**base, **stack.client_env(state)}
+    yield {"folder": folder, "state": state, "env": env, "up_s": time.monotonic() - t0, "stdout": proc.stdout}
+    stack.down(folder)
+
+
+def test_stack_up_starts_three_healthy_servers_with_pids_and_logs(up, work):
+    state, folder = up["state"], up["folder"]
+    assert set(state["services"]) == {"s3", "mlflow", "ray-head"}
+    for name, entry in state["services"].items():
+        assert stack._is_ours(entry["pid"], state["id"]), name
+        assert Path(entry["log"]).is_file() and Path(entry["log"]).parent == folder / "logs"
+    status = run(["stack", "status", "--dir", str(folder)], up["env"], work)
+    assert status.stdout.count("healthy") == 3, status.stdout
+    env_sh = (folder / "env.sh").read_text()
+    assert "RAY_AUTH_TOKEN_PATH=" in env_sh and Path(state["token_file"]).read_text().strip() not in env_sh
+    # the job server wants the token: no token, no answer
+    from urllib.request import urlopen
+
+    with pytest.raises(Exception, match="401|Unauthorized"):
+        urlopen(state["services"]["ray-head"]["url"] + "/api/jobs/", timeout=5)
+    # a second `up` finds the running stack and starts nothing
+    again = run(["stack", "up", "--dir", str(folder)], up["env"], work)
+    assert stack.load_state(folder)["services"] == state["services"], again.stdout
+
+
+@pytest.fixture(scope="module")
+def dataset(up, work) -> str:
+    """A phantom dataset in the stack's S3, written by an ingest job."""
+    out = "s3://sonosynth/phantom"
+    run(["submit", "--wait", "--", "ingest", "--cohort", "phantom", "--num-samples", "16", "--out", out,
+         "--set", "cohort.phantom.height=96", "--set", "cohort.phantom.width=96", "--no-progress"], up["env"], work)
+    return out
+
+
+@pytest.fixture(scope="module")
+def train_job(up, work, dataset):
+    args = ["submit", "--wait", "--", "train-lora", "lora_joint_tiny", "--out", "s3://sonosynth/lora/joint",
+            "--dataset", dataset, "--set", "engine.max_steps=10", "--set", "engine.checkpoint_every=10",
+            "--set", "engine.eval_every=10", "--set", "preview.num=1"]
+    t0 = time.monotonic()
+    proc = run(args, up["env"], work)
+    return proc, time.monotonic() - t0
+
+
+def _job_id(stderr: str) -> str:
+    return stderr.split("submitted job ", 1)[1].split()[0]
+
+
+def _jobs_client(state):
+    from ray.job_submission import JobSubmissionClient
+
+    return JobSubmissionClient(state["services"]["ray-head"]["url"], headers=stack.auth_headers(state))
+
+
+def test_train_lora_job_runs_from_the_shipped_wheel_not_the_repo(up, train_job):
+    proc, _ = train_job
+    logs = proc.stdout
+    line = next(x for x in logs.splitlines() if x.startswith("sonosynth 0.1.0 from "))
+    where = line.split(" from ", 1)[1].split(" (", 1)[0]
+    assert str(REPO) not in where and "runtime_resources/py_modules_files" in where, line
+    assert "(wheel sonosynth 0.1.0 sha256:" in line
+    info = _jobs_client(up["state"]).get_job_info(_job_id(proc.stderr))
+    assert "working_dir" not in (info.runtime_env or {}) and info.runtime_env.get("py_modules")
+    assert {"MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL"} <= set(info.runtime_env["env_vars"])
+    assert "values not shown" in proc.stderr and "testing" not in proc.stderr
+    assert "trained 10 steps" in logs and "exit status 0" in proc.stderr
+
+
+def use_stack_s3(env: dict, monkeypatch) -> None:
+    for k, v in env.items():
+        if k.startswith("AWS_"):
+            monkeypatch.setenv(k, v)
+
+
+def test_train_lora_run_and_registered_model_are_in_mlflow_and_s3(up, train_job, monkeypatch):
+    from mlflow import MlflowClient
+
+    from sonosynth.infra.storage import open_storage
+
+    env = up["env"]
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    exp = client.get_experiment_by_name("sonosynth-train-lora")
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    run_id = runs[0].info.run_id
+    versions = client.search_model_versions("name='sonosynth-lora'")
+    assert [v.run_id for v in versions] == [run_id]
+    assert {"model", "summary.json"} <= {a.path for a in client.list_artifacts(run_id)}
+    use_stack_s3(env, monkeypatch)
+    bucket = open_storage("s3://sonosynth/")
+    assert bucket.exists("lora/joint/model/pytorch_lora_weights.safetensors")
+    artifacts = bucket.list("mlflow/")  # the MLflow server keeps its artifacts in S3 too
+    assert any(k.endswith("pytorch_lora_weights.safetensors") for k in artifacts), artifacts[:20]
+
+
+@pytest.fixture(scope="module")
+def generate_job(up, work, train_job):
+    args = ["submit", "--wait", "--", "generate", "generate_tiny", "--out", "s3://sonosynth/synthetic/run1",
+            "--lora", "models:/sonosynth-lora/1", "--num-samples", "8", "--workers", "2",
+            "--set", "shard_size=4"]
+    t0 = time.monotonic()
+    proc = run(args, up["env"], work)
+    return proc, time.monotonic() - t0
+
+
+def test_generate_job_writes_shards_to_s3_and_is_tracked(up, generate_job, monkeypatch):
+    from mlflow import MlflowClient
+
+    from sonosynth.datasets.reader import DatasetReader
+    from sonosynth.infra.storage import open_storage
+
+    proc, _ = generate_job
+    assert "generated 8/8 samples" in proc.stdout
+    env = up["env"]
+    use_stack_s3(env, monkeypatch)
+    out = "s3://sonosynth/synthetic/run1"
+    shards = [k for k in open_storage(out).list("shards/") if k.endswith(".tar")]
+    assert len(shards) == 2
+    keys = [s.key for s in DatasetReader(out, distributed=False).samples()]
+    assert len(keys) == len(set(keys)) == 8
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    runs = client.search_runs([client.get_experiment_by_name("sonosynth-generate").experiment_id])
+    assert [r.data.metrics["accepted"] for r in runs if r.data.params.get("out") == out] == [8.0]
+
+
+def test_job_exit_status_becomes_the_commands(up, work, train_job):
+    bad = run(["submit", "--wait", "--", "generate", "generate_tiny", "--out", "s3://sonosynth/x",
+               "--set", "no_such_key=1"], up["env"], work, check=False)
+    assert bad.returncode == 2, bad.stderr[-2000:]
+    assert "unknown key" in bad.stdout + bad.stderr
+    # refused here, before anything is submitted
+    verb = run(["submit", "--", "no-such-verb"], up["env"], work, check=False)
+    assert verb.returncode == 2 and "train-lora" in verb.stderr
+    no_token = {k: v for k, v in up["env"].items() if not k.startswith("RAY_AUTH")}
+    denied = run(["submit", "--", "config", "generate"], no_token, work, check=False)
+    assert denied.returncode == 2 and "token" in denied.stderr, denied.stderr
+
+
+def test_ctrl_c_stops_the_job_and_jobs_verbs_see_it(up, work, train_job):
+    env = up["env"]
+    args = [SONOSYNTH, "submit", "--wait", "--", "ingest", "--cohort", "phantom", "--num-samples", "200000",
+            "--out", str(work / "never-finished"), "--no-progress"]
+    proc = subprocess.Popen(args, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        seen = ""
+        deadline = time.monotonic() + 120
+        while "sonosynth 0.1.0 from" not in seen:  # the job's first line: it is running
+            assert proc.poll() is None and time.monotonic() < deadline, seen
+            seen += proc.stdout.readline()
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err[-2000:]
+    job = _job_id(err)
+    listed = json.loads(run(["jobs", "list", "--json"], env, work).stdout)
+    assert {r["id"]: r["status"] for r in listed}[job] == "STOPPED"
+    assert "sonosynth 0.1.0 from" in run(["jobs", "logs", job], env, work).stdout
+
+
+def test_stack_down_leaves_no_process_behind(up, work, train_job, generate_job):
+    state, folder = up["state"], up["folder"]
+    assert stack.marked_processes(state["id"])
+    t0 = time.monotonic()
+    run(["stack", "down", "--dir", str(folder)], up["env"], work)
+    assert stack.marked_processes(state["id"]) == []
+    for entry in state["services"].values():
+        assert not stack._is_ours(entry["pid"], state["id"])
+    assert not (folder / "stack.json").exists() and not Path(state["ray_temp_dir"]).exists()
+    assert (folder / "logs" / "ray-head.log").is_file()  # the logs stay
+    status = run(["stack", "status", "--dir", str(folder)], up["env"], work, check=False)
+    assert status.returncode == 1
+    print(f"stack up {up['up_s']:.0f} s, train job {train_job[1]:.0f} s, generate job {generate_job[1]:.0f} s, "
+          f"down {time.monotonic() - t0:.0f} s")
