@@ -25,7 +25,7 @@ test-unit: $(STAMP)
 	$(PY) -m pytest tests/unit
 
 demo: $(STAMP)
-	$(VENV)/bin/sonosynth demo --out $(DEMO_OUT)
+	$(VENV)/bin/sonosynth pipeline configs/demo.yaml --out $(DEMO_OUT)
 
 bench: $(STAMP)
 	$(PY) bench/reader_throughput.py

@@ -24,6 +24,9 @@ class RayConfig(Config):
 
 QUIET_ENV = {"TRANSFORMERS_VERBOSITY": "error", "DIFFUSERS_VERBOSITY": "error"}
 """Library chatter that says nothing to a sonosynth user (e.g. torchvision fallbacks)."""
+WORKER_ENV = {**QUIET_ENV, "RAY_CHDIR_TO_TRIAL_DIR": "0"}
+"""Every Ray worker's environment: quiet libraries, and Ray Train workers stay in the job's
+folder (a relative --out or dataset path means the same thing on the driver and the workers)."""
 
 
 def quiet_workers() -> None:
@@ -41,7 +44,7 @@ def connect(cfg: RayConfig, env_vars: dict[str, str] | None = None) -> str:
         return "the Ray this process already joined"
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     kwargs = dict(include_dashboard=False, log_to_driver=True, logging_level=logging.WARNING,
-                  runtime_env={"env_vars": {**QUIET_ENV, **(env_vars or {})},
+                  runtime_env={"env_vars": {**WORKER_ENV, **(env_vars or {})},
                                "worker_process_setup_hook": "sonosynth.infra.cluster.quiet_workers"})
     if address:
         ray.init(address=address, **kwargs)

@@ -23,6 +23,8 @@ from sonosynth.infra.config import Config
 
 log = logging.getLogger(__name__)
 OFFLINE_FILE = "tracking_offline.jsonl"
+OFFLINE_RUN_FILE = "tracking_offline_run.json"
+"""Beside the records: how to create the run (experiment, name, tags) when it never was."""
 DEFAULT_STORE = "runs/mlflow.db"
 
 
@@ -46,6 +48,10 @@ class TrackingConfig(Config):
     """HTTP retries of one tracking request before the tracker goes offline."""
     reconnect_every_s: float = 60.0
     """While offline, try to reach the server again after this many seconds."""
+    parent_run_id: str | None = None
+    """Nest the job's run under this MLflow run (the pipeline sets it; null: a top-level run)."""
+    tags: dict[str, str] = {}
+    """Extra tags on the job's run, merged with the stage's own (the pipeline's section and key)."""
 
     def resolved_uri(self) -> str:
         """The URI with local paths made absolute (Ray workers run in other folders)."""
@@ -80,6 +86,7 @@ class Tracker:
         self._last_attempt = 0.0
         self._backlog: list[dict[str, Any]] = []
         self._client = None
+        self._tags: dict[str, str] = {}
         if self.enabled:
             os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(int(max(1, cfg.request_timeout_s)))
             os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = str(cfg.request_retries)
@@ -159,6 +166,7 @@ class Tracker:
             return
         self.offline = False
         (self.offline_dir / OFFLINE_FILE).unlink(missing_ok=True)
+        (self.offline_dir / OFFLINE_RUN_FILE).unlink(missing_ok=True)
         log.warning("MLflow at %s is reachable again; the backlog was delivered", self.uri)
 
     def _deliver(self, record: dict[str, Any]) -> None:
@@ -175,30 +183,46 @@ class Tracker:
             self._keep(record)
 
     # -- the run --------------------------------------------------------------------------
-    def _open_run(self, tags: dict[str, str] | None = None) -> None:
+    def _open_run(self) -> None:
         client = self._connect()
         if self.run_id is not None:
             client.update_run(self.run_id, status="RUNNING")
+            for k, v in self._tags.items():
+                client.set_tag(self.run_id, k, v)
             return
         exp = client.get_experiment_by_name(self.experiment)
         exp_id = exp.experiment_id if exp else client.create_experiment(
             self.experiment, artifact_location=self.cfg.artifact_location())
-        self.run_id = client.create_run(exp_id, run_name=self.cfg.run_name, tags=tags or {}).info.run_id
+        self.run_id = client.create_run(exp_id, run_name=self.cfg.run_name, tags=self._tags).info.run_id
         for record in self._backlog:
             record["run_id"] = self.run_id
 
     def start(self, *, tags: dict[str, str] | None = None) -> str | None:
-        """Create the run, or reopen ``run_id`` (a resumed job continues its run)."""
+        """Create the run, or reopen ``run_id`` (a resumed job continues its run).
+
+        ``tags`` are merged over ``cfg.tags``; ``cfg.parent_run_id`` nests the run under that
+        run (``mlflow.parentRunId``). When the server is unreachable, how to create the run is
+        kept beside the offline records, so that a replay creates it the same way."""
         if not self.enabled:
             return None
+        self._tags = {k: str(v) for k, v in {**self.cfg.tags, **(tags or {})}.items()}
+        if self.cfg.parent_run_id:
+            self._tags["mlflow.parentRunId"] = self.cfg.parent_run_id
         try:
-            self._open_run(tags)
+            self._open_run()
         except Exception as err:  # noqa: BLE001
             self._go_offline("start", err)
+            if self.run_id is None:
+                self.offline_dir.mkdir(parents=True, exist_ok=True)
+                (self.offline_dir / OFFLINE_RUN_FILE).write_text(json.dumps(
+                    {"experiment": self.experiment, "run_name": self.cfg.run_name, "tags": self._tags}))
         return self.run_id
 
     def log_params(self, params: dict[str, Any]) -> None:
         self._deliver({"kind": "params", "values": {k: ("null" if v is None else v) for k, v in params.items()}})
+
+    def log_tags(self, tags: dict[str, Any]) -> None:
+        self._deliver({"kind": "tags", "values": {k: str(v) for k, v in tags.items()}})
 
     def log_metrics(self, values: dict[str, float], step: int) -> None:
         self._deliver({"kind": "metrics", "values": values, "step": step, "time": time.time()})
@@ -274,18 +298,29 @@ def replay(offline_dir: str | Path, cfg: TrackingConfig, experiment: str | None 
     """Send a job's undelivered tracking records; returns the run id they went to.
 
     The run and experiment come from the records themselves (the job's own run when it was
-    created before the server went away); ``experiment`` only overrides them."""
+    created before the server went away); ``experiment`` only overrides them. A run that was
+    never created gets the name and tags the job gave it; ``cfg.parent_run_id`` (e.g. the
+    pipeline's run, replayed first) nests it."""
     offline_dir = Path(offline_dir)
     file = offline_dir / OFFLINE_FILE
     if not file.is_file():
         raise FileNotFoundError(f"{file} does not exist: nothing to replay")
     records = [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
     run_id = next((r["run_id"] for r in records if r.get("run_id")), None)
-    experiment = experiment or next((r["experiment"] for r in records if r.get("experiment")), "sonosynth")
+    how = {}
+    if (offline_dir / OFFLINE_RUN_FILE).is_file():
+        how = json.loads((offline_dir / OFFLINE_RUN_FILE).read_text())
+    experiment = experiment or next((r["experiment"] for r in records if r.get("experiment")),
+                                    how.get("experiment") or "sonosynth")
+    kept = how.get("tags") or {}
+    tags = {k: v for k, v in kept.items() if k != "mlflow.parentRunId"}
+    cfg = cfg.model_copy(update={"run_name": cfg.run_name or how.get("run_name"), "tags": {**tags, **cfg.tags},
+                                 "parent_run_id": cfg.parent_run_id or kept.get("mlflow.parentRunId")})
     tracker = Tracker(cfg, offline_dir=offline_dir, experiment=experiment, run_id=run_id)
     if tracker.start() is None:
         raise ConnectionError(f"MLflow at {tracker.uri} is still unreachable")
-    tracker._backlog = records
+    tracker._backlog = [{**r, "run_id": tracker.run_id} for r in records]
     tracker._flush()
     file.rename(file.with_suffix(".delivered"))
+    (offline_dir / OFFLINE_RUN_FILE).unlink(missing_ok=True)
     return tracker.run_id

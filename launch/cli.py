@@ -11,7 +11,6 @@ import json
 import logging
 import sys
 from enum import Enum
-from pathlib import Path
 from typing import Annotated, Any, NoReturn, Optional
 
 import typer
@@ -28,9 +27,10 @@ usage error (unknown recipe or key, bad value, missing input), with the fix in t
 app = typer.Typer(
     name="sonosynth",
     help="Diffusion-based synthetic data augmentation for fetal ultrasound, on Ray clusters.\n\n"
-         "Stages: ingest -> train-lora -> generate -> evaluate (train-sam, train-classifier and "
-         "pipeline are coming). `sonosynth demo` runs them end to end on this machine; `sonosynth config "
-         "STAGE` lists every field a recipe or --set can change.\n\n" + EXIT_CODES,
+         "Stages: ingest -> train-lora -> generate -> train-sam / train-classifier -> evaluate -> "
+         "promote; `sonosynth pipeline` runs them in order, and `sonosynth demo` runs the embedded "
+         "default end to end on this machine. `sonosynth config STAGE` lists every field a recipe "
+         "or --set can change.\n\n" + EXIT_CODES,
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -187,6 +187,69 @@ def generate(
     _run_stage("generate", recipe, flags, set_)
 
 
+@app.command("train-sam")
+def train_sam(
+    recipe: RecipeArg,
+    out: Out = None,
+    dataset: Annotated[Optional[str], typer.Option(help="Real image+mask dataset (from `sonosynth ingest`).")] = None,
+    synthetic: Annotated[Optional[str], typer.Option(
+        help="Synthetic image+mask dataset (from `sonosynth generate`) mixed in.")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="Training workers (ranks): one per GPU.")] = None,
+    address: Address = None,
+    progress: Progress = None,
+    set_: Overrides = None,
+) -> None:
+    """Fine-tune the Segment Anything Model on real and synthetic image+mask pairs.
+
+    Modes: the mask decoder only (paper A), decoder plus LoRA on the image encoder's
+    attention, or everything. Box prompts come from the mask after the paired augmentation,
+    jittered; the best checkpoint by validation Dice is exported to OUT/model and registered
+    in MLflow as sonosynth-sam. Re-running the same command resumes from the last checkpoint.
+
+    Examples:
+
+    \b
+        sonosynth train-sam sam_tiny --dataset runs/hc18 --out runs/sam
+        sonosynth train-sam sam_paper_a_synthetic --dataset runs/es \\
+            --synthetic runs/syn --set model.checkpoint=/models/sam_vit_b.pth
+    """
+    flags = {"out": out, "data": {"sources": {"real": {"dataset": dataset}, "synthetic": {"dataset": synthetic}}},
+             "engine": {"workers": workers, "progress": progress}, "ray": {"address": address}}
+    _run_stage("train-sam", recipe, flags, set_)
+
+
+@app.command("train-classifier")
+def train_classifier(
+    recipe: RecipeArg,
+    out: Out = None,
+    dataset: Annotated[Optional[str], typer.Option(help="Real plane dataset (from `sonosynth ingest`).")] = None,
+    synthetic: Annotated[Optional[str], typer.Option(
+        help="Synthetic plane dataset (class-mode `sonosynth generate`) mixed in.")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="Training workers (ranks): one per GPU.")] = None,
+    address: Address = None,
+    progress: Progress = None,
+    set_: Overrides = None,
+) -> None:
+    """Train a fetal plane classifier on real and synthetic planes (FU-LoRA, corrected).
+
+    Backbones from transformers (ResNet-18, MobileNetV2, EfficientNet-B0, ViT-B/16) or
+    MONAI (DenseNet); one label map for the job; the paper's augmentation as a preset; the
+    best checkpoint on the validation split is exported to OUT/model and registered in
+    MLflow as sonosynth-classifier.
+
+    Examples:
+
+    \b
+        sonosynth train-classifier classifier_tiny --dataset runs/africa \\
+            --out runs/classifier
+        sonosynth train-classifier classifier_hb --dataset runs/fpdb \\
+            --synthetic runs/syn-planes --set model.backbone=resnet18
+    """
+    flags = {"out": out, "data": {"sources": {"real": {"dataset": dataset}, "synthetic": {"dataset": synthetic}}},
+             "engine": {"workers": workers, "progress": progress}, "ray": {"address": address}}
+    _run_stage("train-classifier", recipe, flags, set_)
+
+
 @app.command()
 def evaluate(
     recipe: Annotated[Optional[str], typer.Argument(
@@ -194,12 +257,17 @@ def evaluate(
     dataset: Annotated[Optional[str], typer.Option(help="Dataset with ground-truth masks (from ingest).")] = None,
     predictions: Annotated[Optional[str], typer.Option(
         help="Folder (or s3:// prefix) of predicted mask PNGs named <sample key>.png.")] = None,
+    model: Annotated[Optional[str], typer.Option(
+        help="A trained model to score: folder, s3:// prefix or MLflow URI, e.g. "
+             "models:/sonosynth-sam@champion or models:/sonosynth-classifier@champion.")] = None,
+    base_checkpoint: Annotated[Optional[str], typer.Option(
+        help="SAM: the base checkpoint (.pth) a decoder-only or LoRA model was trained from.")] = None,
     split: Annotated[Optional[str], typer.Option(help="Split to score (default test; 'all' for every sample).")] = None,
     out: Out = None,
     progress: Progress = None,
     set_: Overrides = None,
 ) -> None:
-    """Score segmentation masks per image and per cohort, beside the box baseline.
+    """Score segmentation masks (or plane predictions) per image and per cohort.
 
     For every image with a ground-truth mask: Dice, IoU, HD95 (pixels, and mm when the
     pixel size is known) and the head-circumference error of the fitted ellipse, at native
@@ -207,14 +275,20 @@ def evaluate(
     inscribed in the prompt box) is scored the same way, so the figures show what a model
     learned beyond its prompt. OUT gets per_image.parquet and .csv, summary.json (dice_mean,
     box_baseline_dice_mean, ...), a Dice distribution plot and overlays of the worst cases.
+    A classifier (--model models:/sonosynth-classifier@champion, or --set
+    predictions_csv=FILE) is scored with accuracy, macro and weighted P/R/F1, one-vs-rest
+    AUC, the confusion matrix and a per-centre breakdown.
 
     Example:
 
     \b
         sonosynth evaluate --dataset runs/hc18 --predictions runs/preds \\
             --out runs/eval
+        sonosynth evaluate --dataset runs/hc18 \\
+            --model models:/sonosynth-sam@champion --out runs/eval-sam
     """
-    flags = {"dataset": dataset, "predictions": predictions, "out": out, "progress": progress,
+    flags = {"dataset": dataset, "predictions": predictions, "model": model, "base_checkpoint": base_checkpoint,
+             "out": out, "progress": progress,
              "split": None if split == "all" else split}
     if split == "all":  # a null flag means "not given", so "every split" goes in as an override
         set_ = ["split=null", *(set_ or [])]
@@ -267,52 +341,6 @@ def inspect(
     typer.echo(json.dumps(summary, indent=2))
     if summary["samples_read"] != summary["samples_in_manifest"]:
         _failure(RuntimeError("shards and manifest disagree"))
-
-
-@app.command()
-def demo(
-    recipe: Annotated[str, typer.Argument(metavar="RECIPE", help="The demo recipe.")] = "demo",
-    out: Annotated[str, typer.Option(help="Folder for everything the demo writes.")] = "runs/demo",
-    set_: Annotated[Optional[list[str]], typer.Option(
-        "--set", metavar="KEY=VALUE",
-        help="Override the demo recipe, e.g. --set train_lora.engine.max_steps=20 (repeatable).")] = None,
-) -> None:
-    """The embedded default end to end on this machine.
-
-    Phantom ingest, then a tiny joint-mode LoRA (2 DeepSpeed ranks on a local Ray), then
-    synthetic image+mask pairs from that LoRA (sampler actors on the same Ray), all tracked
-    in a local MLflow store in OUT.
-
-    Example:
-
-    \b
-        sonosynth demo --out runs/demo
-    """
-    from sonosynth.launch.demo import plan_demo
-
-    root = Path(out).resolve()
-    try:
-        steps = plan_demo(recipe, root, set_ or [])
-    except USAGE_ERRORS as err:
-        _usage_error(err)
-    reports = []
-    for i, (stage, cfg, what) in enumerate(steps, 1):
-        typer.echo(f"{i}/{len(steps)} {stage.name}: {what}")
-        try:
-            report = stage.run(cfg)
-        except USAGE_ERRORS as err:
-            _usage_error(err)
-        except (StageFailed, StorageError) as err:
-            _failure(err)
-        typer.echo(report.render())
-        if report.failed:
-            _failure(RuntimeError(f"{stage.name}: {report.failed}"))
-        reports.append(report)
-    typer.echo("")
-    typer.echo(f"real dataset:      {root / 'real'}")
-    typer.echo(f"LoRA samples:      {root / 'lora' / 'previews' / 'final.png'}")
-    typer.echo(f"synthetic grid:    {root / 'synthetic' / 'samples_grid.png'}")
-    typer.echo(f"MLflow UI:         mlflow ui --backend-store-uri sqlite:///{root / 'mlflow.db'}")
 
 
 @app.command("config")
@@ -375,7 +403,9 @@ def tracking_replay(
 
 
 from sonosynth.launch.cli_cluster import register as _register_cluster  # noqa: E402 - verbs defined there
+from sonosynth.launch.cli_pipeline import register as _register_pipeline  # noqa: E402
 
+_register_pipeline(app)
 _register_cluster(app)
 
 

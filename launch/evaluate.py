@@ -2,8 +2,9 @@
 
 Predictions come from a folder (or ``s3://`` prefix) of mask PNGs named ``<sample key>.png``
 (pixels above ``threshold`` are foreground; a prediction of another size is resized to the
-image, bilinear then >= 0.5), or from a ``predict_fn(sample, boxes) -> masks`` handed to
-``run`` (train-sam's SAM predictor plugs in there and through ``model_predictor``). Each
+image, bilinear then >= 0.5), from a SAM fine-tuned by train-sam (``model``: a folder, an
+``s3://`` prefix or ``models:/sonosynth-sam@champion``; ``model_predictor``), or from a
+``predict_fn(sample, boxes) -> masks`` handed to ``run``. Each
 image with a mask gets ``box_draws`` box prompts (seeded by (seed, key)), the prediction(s)
 and the box baseline are scored (``sonosynth.trainers.evaluation.segmentation``), and the
 stage writes ``per_image.parquet``/``.csv``, ``summary.json`` (overall and ``by_cohort``),
@@ -19,7 +20,7 @@ import logging
 import math
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import numpy as np
 from pydantic import model_validator
@@ -52,7 +53,11 @@ class EvaluateConfig(Config):
     predictions: str | None = None
     """Folder or s3:// prefix of predicted masks, one PNG per sample named <sample key>.png."""
     model: str | None = None
-    """A SAM model to predict with (MLflow model URI or folder); comes with train-sam."""
+    """A SAM fine-tuned by train-sam to predict with: its model/ folder, an s3:// prefix, or an MLflow
+    URI (models:/sonosynth-sam@champion, models:/sonosynth-sam/3, runs:/<run id>/model)."""
+    base_checkpoint: str | None = None
+    """Local .pth of the base SAM a decoder or LoRA model was fine-tuned from, when it is not at the
+    path its config.yaml records (e.g. /models/sam_vit_b_01ec64.pth on another machine)."""
     out: str = "runs/evaluate"
     """Where the per-image table, summary.json and plots go: a folder or s3:// prefix."""
     box_draws: int = 5
@@ -77,13 +82,29 @@ class EvaluateConfig(Config):
     """Retries and endpoint of the storage (dataset, predictions and output)."""
     progress: bool = True
     """Show a progress bar."""
+    task: Literal["auto", "segmentation", "classification"] = "auto"
+    """What is scored: 'auto' is classification for predictions_csv or a classifier model
+    (models:/sonosynth-classifier..., a folder with classifier.json), else segmentation."""
+    predictions_csv: str | None = None
+    """Classification: a CSV of predicted probabilities (key, then one column per class)."""
+    labels: list[str] | None = None
+    """Classification: the class order of predictions_csv (null: its header)."""
+    paper_compatible: bool = False
+    """Classification: also report FU-LoRA's hard-label AUC (flawed; docs/classification.md)."""
+    batch_size: int = 32
+    """Classification: images per forward pass of the model."""
+    device: str | None = None
+    """Classification: torch device of the model (null: cuda when available, else cpu)."""
 
     @model_validator(mode="after")
     def _check(self) -> "EvaluateConfig":
-        if self.predictions and self.model:
-            raise ValueError("give predictions=FOLDER or model=URI, not both")
-        if not self.predictions and not self.model:
-            raise ValueError("nothing to evaluate: pass predictions=FOLDER (mask PNGs named <sample key>.png)")
+        given = [name for name in ("predictions", "model", "predictions_csv") if getattr(self, name)]
+        if len(given) > 1:
+            raise ValueError(f"give one of predictions=FOLDER, model=URI or predictions_csv=FILE, not {given}")
+        if not given:
+            raise ValueError("nothing to evaluate: pass predictions=FOLDER (mask PNGs named <sample key>.png), "
+                             "model=URI (e.g. models:/sonosynth-sam@champion or models:/sonosynth-classifier@champion)"
+                             " or predictions_csv=FILE (class probabilities per key)")
         for name in ("box_draws", "resolution"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
@@ -100,10 +121,26 @@ class EvaluateConfig(Config):
 
 
 def model_predictor(cfg: EvaluateConfig) -> PredictFn:
-    """The predictor of ``cfg.model``. The SAM predictor comes with train-sam; until then a model
-    is evaluated through its predicted masks (or a ``predict_fn`` handed to ``run``)."""
-    raise ConfigError(f"model={cfg.model!r}: evaluating a model directly comes with train-sam; write its "
-                      "masks as <sample key>.png and pass predictions=FOLDER")
+    """The predictor of ``cfg.model``: a SAM fine-tuned by train-sam (a model/ folder, an s3://
+    prefix or an MLflow URI such as models:/sonosynth-sam@champion, fetched from
+    ``cfg.tracking``'s server), loaded once (``sonosynth.trainers.sam.load_sam_model``); each
+    image is predicted with all its box draws at the size the model was trained at."""
+    import torch
+
+    from sonosynth.trainers.registry import is_mlflow_uri
+    from sonosynth.trainers.sam.models import load_sam_model, predict_masks
+
+    tracking_uri = cfg.tracking.resolved_uri() if is_mlflow_uri(cfg.model) else None
+    try:
+        sam = load_sam_model(cfg.model, tracking_uri, base_checkpoint=cfg.base_checkpoint,
+                             device="cuda" if torch.cuda.is_available() else "cpu")
+    except FileNotFoundError as err:
+        raise ConfigError(f"model={cfg.model!r}: {err}") from None
+
+    def predict(sample: Sample, boxes: np.ndarray) -> np.ndarray:
+        return predict_masks(sam, sample.image, boxes)
+
+    return predict
 
 
 class FolderPredictions:
@@ -157,10 +194,14 @@ def _tables(rows: list[dict[str, Any]], folder: Path) -> list[Path]:
 
 
 def run(cfg: EvaluateConfig, predict_fn: PredictFn | None = None) -> Report:
-    """Score every image of ``cfg.split`` that has a mask; see the module docstring."""
+    """Score every image of ``cfg.split`` that has a mask (or, for a classifier, a label); see the
+    module docstring. Classification goes to ``launch.evaluate_classification``."""
     from sonosynth.datasets.reader import DatasetReader
+    from sonosynth.launch.evaluate_classification import is_classification, run_classification
     from sonosynth.trainers.evaluation.segmentation import draw_boxes, overlay, plots, score_image, summarize
 
+    if predict_fn is None and (cfg.task == "classification" or (cfg.task == "auto" and is_classification(cfg))):
+        return run_classification(cfg)
     folder = None
     if predict_fn is None:
         if cfg.model:

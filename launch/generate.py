@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -27,6 +28,8 @@ from sonosynth.infra.seeds import derive_seed
 from sonosynth.infra.tracking import TrackingConfig
 from sonosynth.trainers.diffusion.data import PAPER_A_PROMPT
 from sonosynth.trainers.diffusion.sampler import SamplerConfig, SampleSpec
+
+log = logging.getLogger(__name__)
 
 
 class GenerateConfig(Config):
@@ -45,7 +48,11 @@ class GenerateConfig(Config):
     prompt: str | None = None
     """Joint mode prompt (null: the one the LoRA was trained with)."""
     planes: list[str] | None = None
-    """Class mode: planes to draw, in turn by sample index (null: all the LoRA was trained on)."""
+    """Class mode: planes to draw, in turn by sample index (null: all the LoRA was trained on). The
+    order is part of the run id: it decides which plane each index gets."""
+    per_class: int | None = None
+    """Class mode: samples per plane; num_samples becomes per_class x the number of planes (giving
+    both is an error unless they agree)."""
     plane: str | None = None
     """Joint mode: plane label written to meta.json (e.g. 'brain' for fetal heads)."""
     shard_size: int = 64
@@ -71,8 +78,36 @@ class GenerateConfig(Config):
     progress: bool = True
     """Show a progress bar (samples, acceptance, samples/s)."""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _per_class(cls, data: Any) -> Any:
+        """With per_class and explicit planes, num_samples follows (checked when both are given)."""
+        if not isinstance(data, dict) or data.get("per_class") is None or not data.get("planes"):
+            return data
+        if data.get("mode") == "joint":
+            return data  # refused by _check
+        n = data["per_class"] * len(data["planes"]) if isinstance(data["per_class"], int) else None
+        if n is None:
+            return data
+        given = data.get("num_samples")
+        if given is not None and given != n:
+            raise ValueError(per_class_mismatch(given, data["per_class"], len(data["planes"])))
+        return {**data, "num_samples": n}
+
     @model_validator(mode="after")
     def _check(self) -> "GenerateConfig":
+        if self.per_class is not None:
+            if self.per_class < 1:
+                raise ValueError("per_class must be at least 1 (or null: num_samples in all)")
+            if self.mode == "joint":
+                raise ValueError("per_class is for class mode (mode: class); joint mode takes num_samples")
+        if self.planes is not None:
+            twice = sorted({p for p in self.planes if self.planes.count(p) > 1})
+            if twice:
+                raise ValueError(f"planes lists {twice} more than once; list each plane once (the order sets "
+                                 f"which plane each sample index gets)")
+            if not self.planes:
+                raise ValueError("planes is empty; list the planes to draw, or null for all the LoRA knows")
         for name in ("num_samples", "shard_size", "max_attempts", "cpus_per_worker"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
@@ -82,6 +117,11 @@ class GenerateConfig(Config):
         if bad:
             raise ValueError(f"unknown planes {bad}; planes are {list(PLANES)}")
         return self
+
+
+def per_class_mismatch(num_samples: int, per_class: int, planes: int) -> str:
+    return (f"num_samples={num_samples} but per_class={per_class} x {planes} planes = {per_class * planes}; "
+            f"give one of them (per_class sets num_samples in class mode)")
 
 
 def sample_seed(seed: int, index: int, attempt: int) -> int:
@@ -121,14 +161,30 @@ def plan_job(cfg: GenerateConfig, lineage: dict[str, Any], lora_sha: str | None)
         if missing:
             raise ValueError(f"no prompt for planes {missing}; the LoRA knows {sorted(known)}")
         prompts = {p: known.get(p) or FU_LORA_PROMPTS[p] for p in planes}
+        if cfg.per_class is not None:
+            n = cfg.per_class * len(planes)
+            if "num_samples" in cfg.model_fields_set and cfg.num_samples != n:
+                raise ValueError(per_class_mismatch(cfg.num_samples, cfg.per_class, len(planes)))
+            cfg.num_samples = n  # the planes came from the LoRA: the count is known only now
+        elif cfg.num_samples % len(planes):
+            counts = {p: len(range(i, cfg.num_samples, len(planes))) for i, p in enumerate(planes)}
+            log.warning("num_samples=%d does not divide among %d planes: %s; set per_class for even classes",
+                        cfg.num_samples, len(planes), counts)
     else:
+        if cfg.per_class is not None:
+            raise ValueError("per_class is for class mode; this LoRA was trained in joint mode (set num_samples)")
         planes = []
         trained = lineage.get("prompts") or [PAPER_A_PROMPT]
         prompts = {"": cfg.prompt or trained[0]}
-    # The LoRA counts by content (its sha256), not by where it was read from.
+    # The LoRA counts by content (its sha256), not by where it was read from. In class mode the
+    # ordered planes decide each index's plane (the prompts dict is hashed with sorted keys).
     identity = {"sampler": cfg.sampler.model_dump(mode="json", exclude={"batch_size", "compile", "lora"}),
                 "lora_sha256": lora_sha, "qc": cfg.qc.to_dict(), "mode": mode, "prompts": prompts,
-                "seed": cfg.seed, "max_attempts": cfg.max_attempts, "plane": cfg.plane}
+                "seed": cfg.seed, "max_attempts": cfg.max_attempts}
+    if mode == "class":
+        identity["planes"] = list(planes)
+    else:
+        identity["plane"] = cfg.plane
     run_id = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
     plan = JobPlan(run_id, mode, prompts, planes, lineage)
     for start in range(0, cfg.num_samples, cfg.shard_size):

@@ -65,6 +65,20 @@ def _train_lora():
     return LoraTrainConfig, lambda cfg: training_report("train-lora", train(cfg))
 
 
+def _train_sam():
+    from sonosynth.trainers.launcher import train
+    from sonosynth.trainers.sam.train import SamTrainConfig
+
+    return SamTrainConfig, lambda cfg: training_report("train-sam", train(cfg))
+
+
+def _train_classifier():
+    from sonosynth.trainers.classifier.train import ClassifierTrainConfig
+    from sonosynth.trainers.launcher import train
+
+    return ClassifierTrainConfig, lambda cfg: training_report("train-classifier", train(cfg))
+
+
 def _generate():
     from sonosynth.launch.generate import GenerateConfig
     from sonosynth.launch.generate_driver import run
@@ -78,6 +92,18 @@ def _evaluate():
     return EvaluateConfig, run
 
 
+def _promote():
+    from sonosynth.launch.promote import PromoteConfig, run
+
+    return PromoteConfig, run
+
+
+def _pipeline():
+    from sonosynth.launch.pipeline import PipelineConfig, run
+
+    return PipelineConfig, run
+
+
 def _sweep():
     from sonosynth.launch.sweep import SweepConfig, run
 
@@ -88,7 +114,12 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("ingest", "a real cohort (or the phantom) -> WebDataset shards + manifest", _ingest),
     Stage("train-lora", "a Stable Diffusion LoRA (joint image+mask, or one caption per plane)", _train_lora),
     Stage("generate", "synthetic image+mask pairs (or plane images) from a LoRA, on Ray", _generate),
-    Stage("evaluate", "score segmentation masks per image and per cohort, beside the box baseline", _evaluate),
+    Stage("train-sam", "fine-tune SAM on a mix of real and synthetic image+mask pairs", _train_sam),
+    Stage("train-classifier", "a fetal plane classifier on real + synthetic planes (FU-LoRA, corrected)",
+          _train_classifier),
+    Stage("evaluate", "score segmentation masks (or plane predictions) per image and per cohort", _evaluate),
+    Stage("promote", "score a new model version against the champion; move the champion alias", _promote),
+    Stage("pipeline", "the stages of a pipeline recipe in order, each skipped when already done", _pipeline),
     Stage("sweep", "one stage over a grid of overrides; the results table read back from MLflow", _sweep),
 )}
 

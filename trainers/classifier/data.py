@@ -9,7 +9,9 @@
   (black, centred), so the aspect ratio is kept whatever the country's image size. Train with
   ``augment: paper``: FU-LoRA's rotation within +-15 deg, random resized crop (area 0.08-1,
   aspect 3/4-4/3) to S x S, horizontal flip p 0.5 (kornia.augmentation, torchvision's semantics),
-  one draw per (seed, epoch, index).
+  one draw per (seed, epoch, index), or from the global torch RNG (``index=None``: the training
+  engine seeds it per example). Optional brightness/contrast jitter (not the paper's, off by
+  default). The work is done on one channel, replicated to 3 at the end.
 - ``class_balanced_counts`` / ``class_balanced_keys``: FU-LoRA's HB set (1,150 real images,
   230 per class), seeded.
 """
@@ -195,9 +197,13 @@ class ClassifierAugmentConfig(Config):
     """Random resized crop: range of the crop's aspect ratio (torchvision's default, 3/4-4/3)."""
     hflip_p: float = 0.5
     """Probability of a horizontal flip."""
+    brightness: float = 0.0
+    """Not in the paper (0: off). Add a random offset in +-brightness to [0, 1] pixels (scanner gain)."""
+    contrast: float = 0.0
+    """Not in the paper (0: off). Scale pixels about the image mean by a factor in 1 +- contrast."""
     max_side: int | None = None
-    """Downscale images whose longer side exceeds this before augmenting (faster; less detail in
-    small crops). Null: augment at native resolution, like the paper."""
+    """Downscale images whose longer side exceeds this before augmenting (antialiased; several times
+    faster, less detail in small crops). Null: augment at native resolution, like the paper."""
 
     @model_validator(mode="after")
     def _check(self) -> "ClassifierAugmentConfig":
@@ -208,15 +214,21 @@ class ClassifierAugmentConfig(Config):
             raise ValueError("crop_ratio must be (low, high) with 0 < low <= high, e.g. [0.75, 1.333]")
         if not 0 <= self.hflip_p <= 1 or self.rotate_deg < 0:
             raise ValueError("hflip_p must be in [0, 1] and rotate_deg at least 0")
+        if not 0 <= self.brightness <= 1 or not 0 <= self.contrast < 1:
+            raise ValueError("brightness must be in [0, 1] and contrast in [0, 1), e.g. 0.1 (0: off)")
         if self.max_side is not None and self.max_side < 16:
             raise ValueError("max_side must be at least 16 (or null: native resolution)")
         return self
 
 
-def to_gray3(image: Any) -> torch.Tensor:
-    """Float [3, H, W] in [0, 1] from uint8 [H,W], [1,H,W], [3,H,W] or [H,W,3] (tensor or array):
-    RGB becomes luma (0.299, 0.587, 0.114, as at ingest), then one channel is repeated 3 times."""
-    x = torch.as_tensor(np.asarray(image) if not isinstance(image, torch.Tensor) else image)
+def to_gray1(image: Any) -> torch.Tensor:
+    """Float [1, H, W] in [0, 1] from uint8 [H,W], [1,H,W], [3,H,W] or [H,W,3] (tensor or array);
+    RGB becomes luma (0.299, 0.587, 0.114, as at ingest)."""
+    if not isinstance(image, torch.Tensor):
+        image = np.asarray(image)
+        if not image.flags.writeable:  # e.g. decoded from bytes: torch warns on read-only memory
+            image = image.copy()
+    x = torch.as_tensor(image)
     if x.ndim == 3 and x.shape[-1] in (3, 4) and x.shape[0] not in (1, 3):
         x = x[..., :3].permute(2, 0, 1)
     if x.ndim == 2:
@@ -229,24 +241,38 @@ def to_gray3(image: Any) -> torch.Tensor:
         from kornia.color import rgb_to_grayscale
 
         x = rgb_to_grayscale(x)
-    return x.expand(3, -1, -1).contiguous()
+    return x
+
+
+def to_gray3(image: Any) -> torch.Tensor:
+    """Float [3, H, W] in [0, 1]: ``to_gray1`` with its one channel repeated 3 times."""
+    return to_gray1(image).expand(3, -1, -1).contiguous()
+
+
+def _resize_long(x: torch.Tensor, size: int) -> torch.Tensor:
+    """[C,H,W] with its longer side resized to ``size`` (bilinear, antialiased when shrinking)."""
+    h, w = x.shape[-2:]
+    scale = size / max(h, w)
+    shape = (max(1, round(h * scale)), max(1, round(w * scale)))
+    return F.interpolate(x[None], size=shape, mode="bilinear", antialias=scale < 1, align_corners=False)[0]
 
 
 def resize_pad(x: torch.Tensor, size: int) -> torch.Tensor:
     """[C,H,W] -> [C,size,size]: longer side to ``size`` (antialiased bilinear), centred on black."""
-    from kornia.geometry.transform import resize
-
-    h, w = x.shape[-2:]
-    if max(h, w) != size:
-        x = resize(x[None], size, side="long", antialias=True)[0]
+    if max(x.shape[-2:]) != size:
+        x = _resize_long(x, size)
     h, w = x.shape[-2:]
     top, left = (size - h) // 2, (size - w) // 2
     return F.pad(x, (left, size - w - left, top, size - h - top))
 
 
 class ClassifierTransform:
-    """uint8 image -> normalised float [3, S, S]; the train transform draws its augmentation from
-    (seed, epoch, index), so every epoch and sample has its own reproducible draw."""
+    """uint8 image -> normalised float [3, S, S].
+
+    The train transform draws its augmentation either from (seed, epoch, index) (``index``
+    given: the global RNG is left alone) or, with ``index=None``, from the global torch RNG,
+    which the training engine seeds per example (so a resumed job draws the same). The work
+    is done on one channel, replicated to 3 at the end."""
 
     def __init__(self, image_size: int, mean: Sequence[float], std: Sequence[float],
                  augment: ClassifierAugmentConfig | None = None, seed: int = 0):
@@ -254,41 +280,52 @@ class ClassifierTransform:
         self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
         self.augment = augment if augment is not None and augment.preset != "none" else None
-        self.pipeline = None
+        self.ops: list = []
         if self.augment is not None:
             import kornia.augmentation as K
 
             a = self.augment
-            self.pipeline = K.AugmentationSequential(
-                K.RandomRotation(a.rotate_deg, p=1.0),
-                K.RandomResizedCrop((image_size, image_size), scale=a.crop_scale, ratio=a.crop_ratio, p=1.0),
-                K.RandomHorizontalFlip(p=a.hflip_p))
+            self.ops = [K.RandomRotation(a.rotate_deg, p=1.0),
+                        K.RandomResizedCrop((image_size, image_size), scale=a.crop_scale, ratio=a.crop_ratio, p=1.0),
+                        K.RandomHorizontalFlip(p=a.hflip_p)]
 
     @property
     def train(self) -> bool:
-        return self.pipeline is not None
+        return self.augment is not None
 
-    def __call__(self, image: Any, index: int = 0, epoch: int = 0) -> torch.Tensor:
-        x = to_gray3(image)
-        if self.pipeline is None:
+    def __call__(self, image: Any, index: int | None = 0, epoch: int = 0) -> torch.Tensor:
+        x = to_gray1(image)
+        if self.augment is None:
             x = resize_pad(x, self.size)
+        elif index is None:
+            x = self._augment(x)
         else:
-            if self.augment.max_side and max(x.shape[-2:]) > self.augment.max_side:
-                x = _shrink(x, self.augment.max_side)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(derive_seed("classifier-augment", self.seed, epoch, index))
-                x = self.pipeline(x[None])[0]
-        return (x - self.mean) / self.std
+                x = self._augment(x)
+        return (x.expand(3, -1, -1) - self.mean) / self.std
+
+    def _augment(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.augment
+        if a.max_side and max(x.shape[-2:]) > a.max_side:
+            x = _resize_long(x, a.max_side)
+        x = x[None]
+        for op in self.ops:
+            x = op(x)
+        x = x[0]
+        if a.brightness or a.contrast:
+            u = torch.rand(2)
+            if a.contrast:
+                mean = x.mean()
+                x = (x - mean) * (1 + a.contrast * (2 * u[0] - 1)) + mean
+            if a.brightness:
+                x = x + a.brightness * (2 * u[1] - 1)
+            x = x.clamp(0, 1)
+        return x
 
     def batch(self, images: Sequence[Any], indices: Sequence[int], epoch: int = 0) -> torch.Tensor:
         """[B, 3, S, S] of ``images`` (sample ``indices[i]`` for the draws)."""
         return torch.stack([self(im, i, epoch) for im, i in zip(images, indices)])
-
-
-def _shrink(x: torch.Tensor, max_side: int) -> torch.Tensor:
-    from kornia.geometry.transform import resize
-
-    return resize(x[None], max_side, side="long", antialias=True)[0]
 
 
 def build_transforms(image_size: int, mean: Sequence[float], std: Sequence[float],

@@ -1,5 +1,6 @@
 """Plane classifier backbones, built without torchvision: ResNet-18, MobileNetV2, EfficientNet-B0
-and ViT-B/16 from ``transformers``, DenseNet-121/169 from MONAI, and tiny versions for tests.
+and ViT-B/16 from ``transformers``, DenseNet-121/169 from MONAI, a small ResNet for CPU runs and
+tiny versions for tests.
 
 ``build_classifier(cfg, labels)`` returns an ``ImageClassifier``: ``forward(pixel_values
 [B,3,H,W]) -> logits [B,num_labels]``, ``pixel_values`` already normalised with
@@ -25,14 +26,15 @@ from pydantic import model_validator
 from sonosynth.infra.config import Config, ConfigError
 
 Backbone = Literal["resnet18", "mobilenet_v2", "efficientnet_b0", "vit_b16", "densenet121", "densenet169",
-                   "tiny_resnet", "tiny_vit", "tiny_densenet"]
+                   "small_resnet", "tiny_resnet", "tiny_vit", "tiny_densenet"]
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 GRAY_MEAN, GRAY_STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 """Random-init default: a grayscale image in [0, 1] to roughly [-2, 2]."""
 PREPROCESSOR = "preprocessor_config.json"
 
-HF_TYPES = {"resnet18": "resnet", "tiny_resnet": "resnet", "mobilenet_v2": "mobilenet_v2",
+HF_TYPES = {"resnet18": "resnet", "small_resnet": "resnet", "tiny_resnet": "resnet",
+            "mobilenet_v2": "mobilenet_v2",
             "efficientnet_b0": "efficientnet", "vit_b16": "vit", "tiny_vit": "vit"}
 """transformers ``model_type`` of each transformers backbone."""
 DENSENETS = {"densenet121": {"block_config": (6, 12, 24, 16)}, "densenet169": {"block_config": (6, 12, 32, 32)},
@@ -51,7 +53,8 @@ class ClassifierModelConfig(Config):
 
     backbone: Backbone = "tiny_resnet"
     """resnet18, mobilenet_v2, efficientnet_b0, vit_b16 (transformers), densenet121, densenet169
-    (MONAI; FU-LoRA used DenseNet-169), or tiny_resnet / tiny_vit / tiny_densenet for tests and CPU."""
+    (MONAI; FU-LoRA used DenseNet-169); small_resnet (0.3 M weights) for CPU runs from scratch;
+    tiny_resnet / tiny_vit / tiny_densenet (a few thousand weights) for tests."""
     pretrained: str | None = None
     """Local weights: a transformers save_pretrained folder of this backbone (e.g. microsoft/resnet-18);
     for DenseNet a folder saved by sonosynth or torchvision's densenet1xx-*.pth. Null: random weights."""
@@ -173,6 +176,9 @@ def _hf_config(backbone: str, image_size: int):
     if backbone == "resnet18":
         return ResNetConfig(embedding_size=64, hidden_sizes=[64, 128, 256, 512], depths=[2, 2, 2, 2],
                             layer_type="basic", hidden_act="relu", downsample_in_first_stage=False)
+    if backbone == "small_resnet":  # 0.3 M weights: trains from scratch in CPU minutes
+        return ResNetConfig(embedding_size=16, hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1],
+                            layer_type="basic")
     if backbone == "tiny_resnet":
         return ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic")
     if backbone == "mobilenet_v2":

@@ -9,6 +9,14 @@ pointing at the installed folder) so that the submodules import without the ``__
 ``Sam.forward`` runs under ``torch.no_grad()``, so training calls the parts directly:
 ``embed`` (image encoder), ``sam_forward`` (prompt encoder + mask decoder, one image per
 decoder call, one box per image, one mask out) and ``postprocess`` (``sam.postprocess_masks``).
+
+A model fine-tuned by ``train-sam`` is a folder (``model/``: ``sam_finetuned.pt``,
+``config.yaml``, ``lineage.json``) that ``load_sam_model`` turns back into a ``Sam`` from a
+path, an ``s3://`` prefix or MLflow (``models:/sonosynth-sam@champion``); ``predict_masks``
+predicts with it. ``sam_finetuned.pt`` holds what training changed (``FORMAT``):
+``decoder``: the mask decoder and prompt encoder; ``lora``: those plus the image encoder's
+LoRA adapters (merged into the base weights on load); ``full``: every weight. The first two
+need the base weights the config names (``model.checkpoint``, or the seed of a random model).
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ import importlib
 import importlib.util
 import sys
 import types
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Literal
@@ -254,18 +263,37 @@ def sam_forward(sam, images: torch.Tensor | None, boxes: torch.Tensor,
         if images is None:
             raise ValueError("give images or image_embeddings")
         image_embeddings = embed(sam, images)
-    boxes = torch.as_tensor(boxes, dtype=torch.float32, device=image_embeddings.device).reshape(-1, 4)
+    dtype = sam.mask_decoder.iou_token.weight.dtype  # bf16/fp16 under a half-precision engine
+    image_embeddings = image_embeddings.to(dtype)
+    boxes = torch.as_tensor(boxes, device=image_embeddings.device).float().reshape(-1, 4)
     if len(boxes) != len(image_embeddings):
         raise ValueError(f"{len(boxes)} boxes for {len(image_embeddings)} images: give one box per image")
-    dense_pe = sam.prompt_encoder.get_dense_pe()
+    with _float32_positions(sam.prompt_encoder):
+        dense_pe = sam.prompt_encoder.get_dense_pe().to(dtype)
+        prompts = [sam.prompt_encoder(points=None, boxes=boxes[i:i + 1], masks=None) for i in range(len(boxes))]
     logits = []
-    for i in range(len(boxes)):
-        sparse, dense = sam.prompt_encoder(points=None, boxes=boxes[i:i + 1], masks=None)
+    for i, (sparse, dense) in enumerate(prompts):
         low, _ = sam.mask_decoder(image_embeddings=image_embeddings[i:i + 1], image_pe=dense_pe,
-                                  sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                                  sparse_prompt_embeddings=sparse.to(dtype), dense_prompt_embeddings=dense.to(dtype),
                                   multimask_output=False)
         logits.append(low)
     return torch.cat(logits, 0)
+
+
+@contextmanager
+def _float32_positions(prompt_encoder):
+    """segment_anything's positional encoding builds its coordinates in float32 whatever the
+    model's dtype; under a bf16/fp16 engine its frequency matrix is lent to it in float32."""
+    pe = prompt_encoder.pe_layer
+    matrix = pe.positional_encoding_gaussian_matrix
+    if matrix.dtype == torch.float32:
+        yield
+        return
+    pe.positional_encoding_gaussian_matrix = matrix.float()
+    try:
+        yield
+    finally:
+        pe.positional_encoding_gaussian_matrix = matrix
 
 
 def postprocess(sam, logits: torch.Tensor, input_size: tuple[int, int],
@@ -276,16 +304,136 @@ def postprocess(sam, logits: torch.Tensor, input_size: tuple[int, int],
 
 
 @torch.no_grad()
-def predict_masks(sam, image: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-    """Boolean masks [K, H, W] for one uint8 HxW image and K boxes [K, 4] (XYXY, image pixels)."""
-    from sonosynth.datasets.augment import boxes_to_input, sam_preprocess
+def predict_masks(sam, image: np.ndarray, boxes: np.ndarray, work_size: int | None = None) -> np.ndarray:
+    """Boolean masks [K, H, W] for one uint8 HxW image and K boxes [K, 4] (XYXY, image pixels).
+
+    ``work_size``: first resize the image so its longest side is this (what train-sam's
+    ``data.image_size`` did to every training image, paper A: 256), predict there, and bring
+    the masks back to H x W. None: the size the model was fine-tuned at (``load_sam_model``
+    records it), else the native size.
+    """
+    from sonosynth.datasets.augment import boxes_to_input, preprocess_shape, sam_preprocess
 
     size = sam.image_encoder.img_size
     device = sam.pixel_mean.device
+    image = np.asarray(image)
+    original = image.shape[:2]
+    boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+    work_size = work_size if work_size is not None else getattr(sam, "sonosynth_work_size", None)
+    if work_size and max(original) != work_size:
+        image = resize_image(image, preprocess_shape(*original, work_size))
+        scale = np.array([image.shape[1] / original[1], image.shape[0] / original[0]] * 2, np.float32)
+        boxes = boxes * scale
     x, input_size = sam_preprocess(image, size)
     emb = embed(sam, x[None].to(device))
-    boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
     model_boxes = torch.as_tensor(boxes_to_input(boxes, image.shape[:2], size), device=device)
     logits = sam_forward(sam, None, model_boxes, image_embeddings=emb.expand(len(boxes), -1, -1, -1))
-    full = postprocess(sam, logits, input_size, image.shape[:2])
+    full = postprocess(sam, logits.float(), input_size, original)
     return (full[:, 0] > sam.mask_threshold).cpu().numpy()
+
+
+def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A uint8 grayscale HxW image resized to ``size`` (bilinear with antialias, like SAM's
+    preprocessing), still uint8."""
+    x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
+    if tuple(x.shape[-2:]) != tuple(size):
+        x = torch.nn.functional.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False,
+                                            antialias=True)
+    return x[0, 0].round().clamp(0, 255).to(torch.uint8).numpy()
+
+
+# -- fine-tuned models: the file train-sam writes, and loading it back -----------------------------
+
+WEIGHTS_FILE = "sam_finetuned.pt"
+"""The weights file in a train-sam model folder."""
+FORMAT = "sonosynth-sam/1"
+"""``sam_finetuned.pt``: {format, mode, state_dict: {Sam key: tensor}, lora: {Sam key of a
+Linear: {A [r, in], B [out, r], scale}}}; the weight of every LoRA'd Linear becomes
+W + scale * B @ A."""
+CONSTANT_KEYS = ("pixel_mean", "pixel_std")
+"""Sam buffers fixed by the architecture (a full state dict may leave them out)."""
+
+
+def sha256_file(path: str | Path) -> str:
+    """sha256 of a file (a base checkpoint's identity in a fine-tuned model's lineage)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(Path(path).expanduser(), "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def apply_finetuned(sam: torch.nn.Module, payload: dict) -> None:
+    """Put ``sam_finetuned.pt``'s weights into ``sam`` (built from the base it was trained on)."""
+    if payload.get("format") != FORMAT:
+        raise ConfigError(f"{WEIGHTS_FILE} has format {payload.get('format')!r}; this sonosynth reads {FORMAT}")
+    expected = sam.state_dict()
+    state = dict(payload["state_dict"])
+    unknown = [k for k in state if k not in expected]
+    shapes = [k for k in state if k in expected and tuple(state[k].shape) != tuple(expected[k].shape)]
+    if unknown or shapes:
+        bad = (unknown or shapes)[0]
+        raise ConfigError(f"{WEIGHTS_FILE} does not fit this SAM ({len(unknown)} unknown keys, {len(shapes)} "
+                          f"shapes differ, e.g. {bad}); build the base from the model folder's config.yaml")
+    if payload["mode"] == "full":
+        missing = [k for k in expected if k not in state and not k.endswith(CONSTANT_KEYS)]
+        if missing:
+            raise ConfigError(f"{WEIGHTS_FILE} (mode full) lacks {len(missing)} weights, e.g. {missing[0]}")
+    for name, lora in (payload.get("lora") or {}).items():
+        key = f"{name}.weight"
+        if key not in expected:
+            raise ConfigError(f"{WEIGHTS_FILE} has a LoRA for {name}, which this SAM does not have")
+        w = expected[key]
+        state[key] = w + float(lora["scale"]) * (lora["B"].to(w.dtype) @ lora["A"].to(w.dtype))
+    sam.load_state_dict(state, strict=False)
+
+
+def load_sam_model(uri: str, tracking_uri: str | None = None, *, base_checkpoint: str | None = None,
+                   device: str | torch.device | None = None):
+    """A fine-tuned SAM (eval mode) from train-sam's ``model/`` folder: a local path, an
+    ``s3://`` prefix, or MLflow (``models:/sonosynth-sam/3``, ``models:/sonosynth-sam@champion``,
+    ``runs:/<run id>/model``; ``tracking_uri`` names the server, else $MLFLOW_TRACKING_URI).
+
+    Decoder and LoRA models hold only what training changed, on top of the base SAM of their
+    ``config.yaml``: ``model.checkpoint`` must exist on this machine, or pass
+    ``base_checkpoint`` (the same file elsewhere; its sha256 is checked against the lineage).
+    The model remembers the size its training images were resized to (``data.image_size``),
+    which ``predict_masks`` resizes to; ``sam.sonosynth_lineage`` is the model's lineage.
+    """
+    import json
+
+    import yaml
+
+    from sonosynth.infra.config import build
+    from sonosynth.trainers.registry import model_folder
+
+    with model_folder(uri, tracking_uri, required=WEIGHTS_FILE, what="SAM model",
+                      hint="the model/ folder written by `sonosynth train-sam`, or its MLflow model "
+                           "(models:/sonosynth-sam/<version>)") as folder:
+        config = yaml.safe_load((folder / "config.yaml").read_text()) if (folder / "config.yaml").is_file() else {}
+        lineage = json.loads((folder / "lineage.json").read_text()) if (folder / "lineage.json").is_file() else {}
+        payload = torch.load(folder / WEIGHTS_FILE, map_location="cpu", weights_only=True)
+    if "model" not in (config or {}):
+        raise ConfigError(f"{uri} has no config.yaml with a model section; it is not a train-sam model folder")
+    model_cfg = build(SamModelConfig, config["model"], source=f"{uri}/config.yaml")
+    if payload.get("mode") == "full":
+        model_cfg = model_cfg.model_copy(update={"checkpoint": None})  # every weight is in the file
+    elif base_checkpoint:
+        want = lineage.get("base_checkpoint_sha256")
+        got = sha256_file(base_checkpoint) if want else None
+        if got != want:
+            raise ConfigError(f"base_checkpoint {base_checkpoint} is not the base {uri} was trained on "
+                              f"(sha256 {got[:12]}..., lineage says {want[:12]}...)")
+        model_cfg = model_cfg.model_copy(update={"checkpoint": str(base_checkpoint)})
+    elif model_cfg.checkpoint and not Path(model_cfg.checkpoint).expanduser().is_file():
+        raise ConfigError(f"{uri} was fine-tuned ({payload.get('mode')} mode) from {model_cfg.checkpoint}, which "
+                          f"is not on this machine; copy it here or pass base_checkpoint=<local .pth of it>")
+    sam = build_sam(model_cfg)
+    apply_finetuned(sam, payload)
+    sam.sonosynth_work_size = (config.get("data") or {}).get("image_size")
+    sam.sonosynth_lineage = lineage
+    if device is not None:
+        sam.to(device)
+    return sam.eval()

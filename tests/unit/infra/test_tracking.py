@@ -86,3 +86,37 @@ def test_tracker_comes_back_online_and_delivers_the_backlog(tmp_path, mlflow_url
 
     hist = MlflowClient(mlflow_url).get_metric_history(run_id, "x")
     assert [(m.step, m.value) for m in hist] == [(1, 1.0), (2, 2.0)]
+
+
+def test_a_run_nests_under_its_parent_with_the_configured_tags(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    parent = Tracker(TrackingConfig(uri=uri), offline_dir=tmp_path / "p", experiment="nest")
+    parent_id = parent.start()
+    cfg = TrackingConfig(uri=uri, parent_run_id=parent_id, tags={"sonosynth.pipeline_section": "lora", "a": "1"})
+    child = Tracker(cfg, offline_dir=tmp_path / "c", experiment="nest")
+    child.start(tags={"a": "2", "sonosynth.stage": "train-lora"})  # the stage's tags win over the config's
+    child.close()
+    from mlflow import MlflowClient
+
+    tags = MlflowClient(uri).get_run(child.run_id).data.tags
+    assert tags["mlflow.parentRunId"] == parent_id and tags["sonosynth.pipeline_section"] == "lora"
+    assert tags["a"] == "2" and tags["sonosynth.stage"] == "train-lora"
+
+
+def test_a_run_created_offline_is_replayed_with_its_tags_under_the_given_parent(tmp_path):
+    cfg = TrackingConfig(uri=dead_uri(), request_timeout_s=1, request_retries=0, run_name="ingest",
+                         tags={"sonosynth.pipeline_section": "real"})
+    tracker = Tracker(cfg, offline_dir=tmp_path, experiment="offline-nest")
+    assert tracker.start(tags={"sonosynth.stage": "ingest"}) is None
+    tracker.log_metrics({"n": 3.0}, 0)
+    tracker.close()
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    parent = Tracker(TrackingConfig(uri=uri), offline_dir=tmp_path / "p", experiment="offline-nest")
+    parent_id = parent.start()
+    run_id = replay(tmp_path, TrackingConfig(uri=uri, parent_run_id=parent_id))
+    from mlflow import MlflowClient
+
+    run = MlflowClient(uri).get_run(run_id)
+    assert run.info.run_name == "ingest" and run.data.metrics["n"] == 3.0
+    assert run.data.tags["mlflow.parentRunId"] == parent_id
+    assert run.data.tags["sonosynth.pipeline_section"] == "real" and run.data.tags["sonosynth.stage"] == "ingest"

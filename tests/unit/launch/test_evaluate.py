@@ -113,12 +113,45 @@ def test_an_injected_predictor_gets_the_box_draws(phantom, tmp_path):
     assert all(np.array_equal(a, b) for a, b in zip(seen, again))
 
 
+def test_a_train_sam_model_folder_is_evaluated_through_its_predictor(phantom, tmp_path):
+    """model=FOLDER: the SAM train-sam exports, loaded once and asked with every box draw."""
+    import torch
+
+    from sonosynth.trainers.sam.models import SamModelConfig, build_sam, load_sam_model, predict_masks
+    from sonosynth.trainers.sam.train import SamTrainConfig, finetuned_payload
+
+    dataset, samples = phantom
+    sam = build_sam(SamModelConfig(arch="tiny", seed=2))
+    folder = tmp_path / "model"
+    folder.mkdir()
+    payload = finetuned_payload(sam, "decoder")  # what train-sam writes for an untrained decoder
+    torch.save(payload, folder / "sam_finetuned.pt")
+    cfg = build(SamTrainConfig, {"out": "x", "model": {"arch": "tiny", "seed": 2},
+                                 "data": {"sources": {"real": {"dataset": dataset}}, "image_size": 64}})
+    (folder / "config.yaml").write_text(cfg.to_yaml())
+    report = run(_cfg(dataset, tmp_path / "ev", model=str(folder), worst_cases=0))
+    assert report.failed is None and report.figures["n_images"] == len(samples)
+    # the figures are the loaded model's predictions, at the size it was trained at (64 px)
+    from sonosynth.trainers.evaluation.segmentation import draw_boxes, score_image
+    from sonosynth.infra.seeds import derive_seed
+
+    loaded = load_sam_model(str(folder))
+    s = samples[0]
+    boxes = draw_boxes(s.mask > 127, 2, 19, np.random.default_rng(derive_seed("evaluate-box", 0, s.key)))
+    want = score_image(s.mask > 127, predict_masks(loaded, s.image, boxes, work_size=64), boxes)["dice"]
+    table = {r["key"]: r for r in pq.read_table(tmp_path / "ev" / "per_image.parquet").to_pylist()}
+    assert table[s.key]["dice"] == pytest.approx(want)
+
+
 def test_config_and_output_errors_name_the_fix(phantom, tmp_path):
     dataset, samples = phantom
     with pytest.raises(ConfigError, match="predictions=FOLDER"):
         build(EvaluateConfig, {"dataset": dataset})
-    with pytest.raises(ConfigError, match="comes with train-sam"):
-        run(_cfg(dataset, tmp_path / "ev", model="models:/sonosynth-sam/1"))
+    with pytest.raises(ConfigError, match="cannot fetch SAM model models:/sonosynth-sam/1"):
+        run(_cfg(dataset, tmp_path / "ev", model="models:/sonosynth-sam/1",
+                 tracking={"uri": f"sqlite:///{tmp_path / 'empty.db'}"}))
+    with pytest.raises(ConfigError, match="not a folder"):
+        run(_cfg(dataset, tmp_path / "ev", model=str(tmp_path / "no-model")))
     with pytest.raises(ConfigError, match="no .png predictions"):
         run(_cfg(dataset, tmp_path / "ev", predictions=str(tmp_path)))
     preds = _write(tmp_path / "pred", {s.key: s.mask for s in samples})

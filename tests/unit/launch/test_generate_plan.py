@@ -38,6 +38,66 @@ def test_class_mode_takes_planes_in_turn(tmp_path):
         plan_job(cfg(tmp_path, mode="class"), {}, None)
 
 
+def test_class_mode_run_id_follows_the_order_of_the_planes(tmp_path):
+    lineage = {"mode": "class", "class_prompts": {"brain": "a photo of fetal brain", "femur": "a photo of fetal femur"}}
+    a = plan_job(cfg(tmp_path, planes=["brain", "femur"]), lineage, "x")
+    b = plan_job(cfg(tmp_path, planes=["femur", "brain"]), lineage, "x")
+    assert a.run_id != b.run_id  # same prompts, but index i gets another plane: other images, other keys
+    assert plan_job(cfg(tmp_path, planes=["brain", "femur"]), lineage, "x").run_id == a.run_id
+    # `plane` labels joint-mode samples only: it does not make another class-mode run
+    assert plan_job(cfg(tmp_path, planes=["brain", "femur"], plane="brain"), lineage, "x").run_id == a.run_id
+    joint = {"mode": "joint", "prompts": ["head"]}
+    assert plan_job(cfg(tmp_path, plane="brain"), joint, "x").run_id != plan_job(cfg(tmp_path), joint, "x").run_id
+
+
+def test_duplicate_planes_are_refused(tmp_path):
+    from sonosynth.infra.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"planes lists \['brain'\] more than once"):
+        cfg(tmp_path, planes=["brain", "femur", "brain"])
+    with pytest.raises(ConfigError, match="planes is empty"):
+        cfg(tmp_path, planes=[])
+
+
+def test_per_class_sets_the_count_and_keeps_classes_even(tmp_path, caplog):
+    from sonosynth.infra.config import ConfigError
+
+    lineage = {"mode": "class", "class_prompts": {"brain": "b", "femur": "f", "thorax": "t"}}
+    # explicit planes: num_samples follows at once
+    c = build(GenerateConfig, {"out": str(tmp_path / "o"), "shard_size": 4, "planes": ["brain", "femur"],
+                               "per_class": 3})
+    assert c.num_samples == 6
+    plan = plan_job(c, lineage, None)
+    planes = [plan.spec(c, i, 0).plane for t in plan.tasks for i in t["indices"]]
+    assert sorted(planes) == ["brain"] * 3 + ["femur"] * 3
+    # planes from the LoRA's lineage: the count is set when the plan knows them
+    c = build(GenerateConfig, {"out": str(tmp_path / "o"), "shard_size": 4, "per_class": 2})
+    plan = plan_job(c, lineage, None)
+    assert c.num_samples == 6 and [i for t in plan.tasks for i in t["indices"]] == list(range(6))
+    assert {p: [plan.spec(c, i, 0).plane for i in range(6)].count(p) for p in plan.planes} == {
+        "brain": 2, "femur": 2, "thorax": 2}
+    # both given: they must agree
+    with pytest.raises(ConfigError, match=r"num_samples=5 but per_class=3 x 2 planes = 6"):
+        build(GenerateConfig, {"out": "o", "planes": ["brain", "femur"], "per_class": 3, "num_samples": 5})
+    assert build(GenerateConfig, {"out": "o", "planes": ["brain", "femur"], "per_class": 3,
+                                  "num_samples": 6}).num_samples == 6
+    with pytest.raises(ValueError, match=r"num_samples=10 but per_class=2 x 3 planes = 6"):
+        plan_job(build(GenerateConfig, {"out": "o", "per_class": 2, "num_samples": 10}), lineage, None)
+    with pytest.raises(ConfigError, match="per_class is for class mode"):
+        build(GenerateConfig, {"out": "o", "mode": "joint", "per_class": 2})
+    with pytest.raises(ValueError, match="per_class is for class mode"):
+        plan_job(build(GenerateConfig, {"out": "o", "per_class": 2}), {"mode": "joint"}, None)
+    # without per_class, a count that does not divide among the planes is pointed out
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="sonosynth.launch.generate"):
+        plan_job(build(GenerateConfig, {"out": "o", "num_samples": 7}), lineage, None)
+    assert "does not divide among 3 planes: {'brain': 3, 'femur': 2, 'thorax': 2}" in caplog.text
+    # the resolved config written beside the output builds the same config again
+    again = build(GenerateConfig, c.to_dict())
+    assert again.num_samples == 6 and plan_job(again, lineage, None).run_id == plan.run_id
+
+
 def test_derived_seeds_are_distinct():
     seeds = {sample_seed(0, i, a) for i in range(100) for a in range(4)}
     assert len(seeds) == 400

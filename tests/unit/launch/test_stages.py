@@ -33,9 +33,11 @@ def test_training_report_reads_a_summary():
     assert "registered: m version 3" in text
 
 
-def test_demo_wires_each_stage_into_the_next(tmp_path):
-    steps = plan_demo("demo", tmp_path, ["ingest.cohort.phantom.num=5"])
-    (ingest, icfg, _), (lora, lcfg, _), (gen, gcfg, _) = steps
-    assert [s.name for s, _, _ in steps] == ["ingest", "train-lora", "generate"]
-    assert icfg.cohort.phantom.num == 5 and lcfg.data.dataset == icfg.out
-    assert gcfg.sampler.lora == f"{lcfg.out}/model" and lcfg.tracking.uri == gcfg.tracking.uri
+def test_demo_is_the_demo_pipeline_recipe(tmp_path):
+    steps = plan_demo("demo", tmp_path, ["real.cohort.phantom.num=5"])
+    [(stage, cfg, what)] = steps
+    assert stage.name == "pipeline" and stage.config_class is type(cfg) and cfg.out == str(tmp_path)
+    assert list(cfg.stages)[:4] == ["real", "hc18", "lora", "synthetic"] and "lora" in what
+    assert cfg.stages["real"]["cohort"]["phantom"]["num"] == 5
+    assert cfg.stages["lora"]["data"]["dataset"] == "${real.out}"
+    assert cfg.stages["synthetic"]["sampler"]["lora"] == "${lora.outputs.model}"
