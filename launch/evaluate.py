@@ -168,12 +168,13 @@ class FolderPredictions:
         return pred
 
 
-def _clean(value: Any) -> Any:
-    """JSON-safe: NaN and infinities become None (summary.json never holds NaN)."""
+def json_safe(value: Any) -> Any:
+    """JSON-safe: NaN and infinities become None (summary.json never holds NaN), numpy scalars
+    become Python numbers."""
     if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
+        return [json_safe(v) for v in value]
     if isinstance(value, (float, np.floating)):
         return float(value) if math.isfinite(value) else None
     if isinstance(value, np.integer):
@@ -251,8 +252,8 @@ def run(cfg: EvaluateConfig, predict_fn: PredictFn | None = None) -> Report:
                    box_draws=cfg.box_draws, jitter_px=cfg.jitter_px, seed=cfg.seed, resolution=cfg.resolution)
     if folder is not None:
         summary.update(resized_predictions=folder.resized, unused_predictions=len(folder.available - folder.used))
-    summary = _clean(summary)
-    rows = [_clean(r) for r in rows]
+    summary = json_safe(summary)
+    rows = [json_safe(r) for r in rows]
     with tempfile.TemporaryDirectory(prefix="sonosynth-evaluate-") as tmp:
         files = _tables(rows, Path(tmp))
         files += plots(rows, worst, Path(tmp)) if rows else []

@@ -20,7 +20,6 @@ field names (``launch/evaluate.py`` dispatches to it).
 from __future__ import annotations
 
 import json
-import math
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -33,6 +32,7 @@ from sonosynth.infra.jobdir import claim_output, offline_dir_for
 from sonosynth.infra.stage import Report
 from sonosynth.infra.storage import StorageConfig, open_storage
 from sonosynth.infra.tracking import Tracker, TrackingConfig
+from sonosynth.launch.evaluate import json_safe
 
 EXPERIMENT = "sonosynth-evaluate"
 CLASSIFIER_FILE = "classifier.json"
@@ -193,18 +193,6 @@ def _model_predictor(cfg: Any) -> tuple[list[str], PredictProba, dict[str, Any]]
 
 # -- the stage --------------------------------------------------------------------------------------
 
-def _clean(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    if isinstance(value, (float, np.floating)):
-        return float(value) if math.isfinite(value) else None
-    if isinstance(value, np.integer):
-        return int(value)
-    return value
-
-
 def run_classification(cfg: Any, predict_proba: PredictProba | None = None,
                        labels: Sequence[str] | None = None) -> Report:
     """Score ``cfg.model`` (or ``cfg.predictions_csv``, or ``predict_proba`` with its ``labels``) on
@@ -282,7 +270,7 @@ def run_classification(cfg: Any, predict_proba: PredictProba | None = None,
     for r, pi, k in zip(rows, p, pred):
         r.update(predicted=classes[k], correct=r["true"] == classes[k])
         r.update({f"{PROBS_PREFIX}{c}": float(v) for c, v in zip(classes, pi)})
-    summary = _clean({
+    summary = json_safe({
         **result.figures, "n": result.n, "classes": classes, "present": result.present,
         "per_class": result.per_class,
         "per_centre": {g: {"n": r.n, **r.figures} for g, r in result.per_group.items()},
