@@ -19,7 +19,7 @@ from sonosynth.infra.local import stack
 
 pytestmark = pytest.mark.integration
 SONOSYNTH = str(Path(sys.executable).with_name("sonosynth"))
-N = 16
+N = 32  # 16 shards: room to kill the worker node mid-run even when its actor starts late (a loaded CI)
 ARGS = ["--num-samples", str(N), "--set", "shard_size=2", "--set", "tracking.enabled=false", "--no-progress"]
 
 
