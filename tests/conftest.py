@@ -67,3 +67,25 @@ def _make_phantom_dataset(dest: Path, num: int, planes: list[str], size: int = 9
     report = run_ingest(cfg, progress=False)
     assert report.ingested == num
     return dest
+
+
+@pytest.fixture(autouse=True)
+def _restore_mlflow_uris():
+    """A stage run in-process (pipeline, promote) points MLflow's process-wide URIs (and so the
+    MLFLOW_* variables subprocesses inherit) at its store; later tests must not inherit them."""
+    keys = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+    saved = {k: os.environ.get(k) for k in keys}
+    yield
+    import sys
+
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    if "mlflow" in sys.modules:  # and MLflow's own globals, which set_*_uri cannot unset
+        import mlflow.tracking._model_registry.utils as registry_utils
+        import mlflow.tracking._tracking_service.utils as tracking_utils
+
+        tracking_utils._tracking_uri = saved["MLFLOW_TRACKING_URI"]
+        registry_utils._registry_uri = saved["MLFLOW_REGISTRY_URI"]
