@@ -14,7 +14,7 @@ import os
 import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pydantic import field_validator
@@ -85,6 +85,11 @@ class IngestConfig(Config):
     """Retries and endpoint of the destination storage."""
     progress: bool = True
     """Show a progress bar."""
+
+    def source_fingerprint(self) -> dict[str, Any] | None:
+        """The source's listing fingerprint: part of a pipeline section's key (new data re-runs it)."""
+        fp = self.cohort.source_fingerprint()
+        return None if fp is None else asdict(fp)
 
     def job_identity(self) -> dict[str, Any]:
         """What makes another ingest job: another cohort or source (anything else resumes)."""

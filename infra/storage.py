@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -27,6 +28,15 @@ class StorageError(RuntimeError):
 
 class ObjectNotFound(StorageError, FileNotFoundError):
     """The key does not exist under the storage root."""
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """One object of a listing: its key, size and version (S3: the ETag; local: the mtime in ns)."""
+
+    key: str
+    size: int
+    version: str
 
 
 class StorageConfig(Config):
@@ -77,6 +87,10 @@ class Storage(ABC):
     @abstractmethod
     def list(self, prefix: str = "") -> list[str]:
         """Keys under ``prefix`` (relative to the root), sorted; partial writes excluded."""
+
+    @abstractmethod
+    def list_info(self, prefix: str = "") -> list[ObjectInfo]:
+        """As ``list``, with each object's size and version."""
 
     @abstractmethod
     def delete(self, key: str) -> None: ...
@@ -151,6 +165,13 @@ class LocalStorage(Storage):
                 if key.startswith(prefix):
                     keys.append(key)
         return sorted(keys)
+
+    def list_info(self, prefix: str = "") -> list[ObjectInfo]:
+        out = []
+        for key in self.list(prefix):
+            st = self._path(key).stat()
+            out.append(ObjectInfo(key, st.st_size, str(st.st_mtime_ns)))
+        return out
 
     def delete(self, key: str) -> None:
         """Remove the object, and folders it leaves empty (S3 has no folders to leave behind)."""
@@ -234,6 +255,11 @@ class S3Storage(Storage):
                 ) from err
             raise StorageError(f"{what} {self.uri} failed {where}: {err}") from err
         except Exception as err:
+            from botocore.exceptions import NoCredentialsError
+
+            if isinstance(err, NoCredentialsError):
+                raise StorageError(f"{what} {self.uri}: no S3 credentials; set AWS_ACCESS_KEY_ID and "
+                                   f"AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, or the pod's service account)") from err
             if is_transient_s3_error(err):
                 raise StorageError(
                     f"{what} {self.uri}: S3 endpoint {self.endpoint or '(AWS default)'} is "
@@ -275,13 +301,18 @@ class S3Storage(Storage):
             return False
 
     def list(self, prefix: str = "") -> list[str]:
+        return [info.key for info in self.list_info(prefix)]
+
+    def list_info(self, prefix: str = "") -> list[ObjectInfo]:
         def fetch():
-            keys = []
+            out = []
             paginator = self.client.get_paginator("list_objects_v2")
-            for page in paginator.paginate(Bucket=self.bucket, Prefix=self._key(prefix)):
+            under = self._key(prefix) if prefix else (self.prefix + "/" if self.prefix else "")
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=under):
                 for obj in page.get("Contents", []):
-                    keys.append(obj["Key"][len(self.prefix) + 1:] if self.prefix else obj["Key"])
-            return sorted(keys)
+                    key = obj["Key"][len(self.prefix) + 1:] if self.prefix else obj["Key"]
+                    out.append(ObjectInfo(key, int(obj["Size"]), str(obj["ETag"]).strip('"')))
+            return sorted(out, key=lambda o: o.key)
 
         return self._call(f"list {prefix or '/'}", fetch)
 
@@ -301,6 +332,6 @@ def open_storage(uri: str | Path, config: StorageConfig | None = None) -> Storag
 
 
 __all__ = [
-    "LocalStorage", "ObjectNotFound", "S3Storage", "Storage", "StorageConfig",
+    "LocalStorage", "ObjectInfo", "ObjectNotFound", "S3Storage", "Storage", "StorageConfig",
     "StorageError", "open_storage", "is_transient_s3_error",
 ]

@@ -22,12 +22,19 @@ that refers to it by a top-level field is not run either.
 Every section writes to ``OUT/<section>/<key>``. The key is a hash of the stage and its
 resolved config (defaults filled in, minus ``out``, ``tracking``, ``progress``, ``ray``,
 ``storage``, ``workers``), where every reference to another section stands for that
-section's key, so a change upstream changes every key downstream. A section whose folder
+section's key, so a change upstream changes every key downstream. A stage that reads data
+from outside (an ingest's source folder or ``s3://`` prefix) adds its source's fingerprint
+(``datasets/source.py``: names, sizes, ETags or modification times) to its key, so new,
+changed or removed source files re-run it and everything after it. A section whose folder
 holds ``_PIPELINE_DONE.json`` (its report, written after it succeeded) is skipped: a killed
 or failed pipeline resumes where it stopped (the interrupted stage resumes itself), a
 re-run with nothing changed does nothing, and changing one section re-runs it and the
 sections that depend on it only. ``from_stage`` re-runs a section and every later one,
 ``only`` one section (their old folders are set aside under ``OUT/<section>/_replaced/``).
+
+One pipeline at a time writes OUT: the run takes a lease (``infra/lease.py``) on
+``OUT/_pipeline/lease.json`` and renews it while it runs; a second run into the same OUT
+exits 1 naming the holder, and the lease of a run that died expires after ``lease.ttl_s``.
 
 One MLflow run (experiment ``tracking.experiment``, default ``sonosynth-pipeline``) is the
 parent of one nested run per stage that ran; every stage is tracked in the pipeline's store.
@@ -64,13 +71,15 @@ from pydantic import model_validator
 
 from sonosynth.infra.config import Config, ConfigError, apply_overrides, build, flatten, merge
 from sonosynth.infra.jobdir import fingerprint, offline_dir_for
+from sonosynth.infra.lease import Lease
 from sonosynth.infra.stage import Report, StageFailed
-from sonosynth.infra.storage import StorageConfig, open_storage
+from sonosynth.infra.storage import StorageConfig, StorageError, open_storage
 from sonosynth.infra.tracking import OFFLINE_FILE, OFFLINE_RUN_FILE, Tracker, TrackingConfig, replay
 
 log = logging.getLogger(__name__)
 DONE = "_PIPELINE_DONE.json"
 STATE = "_pipeline"
+LEASE_KEY = f"{STATE}/lease.json"
 REPLACED = "_replaced"
 SECTION_FIELDS = ("stage", "recipe", "if_exists")
 KEY_EXCLUDED = ("out", "tracking", "progress", "ray", "storage", "workers", "overwrite",
@@ -104,6 +113,22 @@ class PipelineReportConfig(Config):
     """Section whose promotion decision is shown (null: the first promote section)."""
 
 
+class LeaseConfig(Config):
+    """One pipeline at a time into one output: a lease on OUT/_pipeline/lease.json."""
+
+    enabled: bool = True
+    """Take the lease before running (off: two runs into one OUT can overwrite each other)."""
+    ttl_s: float = 900.0
+    """Seconds a lease lives without renewal; a live run renews it every ttl_s/3, so a run whose
+    process died frees its output at most this long after. Must exceed any stall of the driver."""
+
+    @model_validator(mode="after")
+    def _check(self) -> "LeaseConfig":
+        if self.ttl_s < 3:
+            raise ValueError(f"lease.ttl_s={self.ttl_s}: give at least 3 seconds (default 900)")
+        return self
+
+
 class PipelineConfig(Config):
     """``sonosynth pipeline``: stages in order, wired by ${...} expressions, skipped when done."""
 
@@ -129,6 +154,8 @@ class PipelineConfig(Config):
     """Show the stages' progress bars (the pipeline always prints one line per stage)."""
     storage: StorageConfig = StorageConfig()
     """Retries and endpoint of the output storage."""
+    lease: LeaseConfig = LeaseConfig()
+    """The output's lease: a second pipeline into the same OUT exits 1 naming the holder."""
 
     @model_validator(mode="after")
     def _check(self) -> "PipelineConfig":
@@ -305,6 +332,9 @@ class Step:
     out: str = ""
     skip: str | None = None
     """Why the section is not run (its if_exists path is missing, or it reads one that is not run)."""
+    source: dict[str, Any] | None = None
+    """The fingerprint of what the stage reads from outside the pipeline (an ingest's source
+    listing), part of its key; None when it reads nothing outside."""
 
     @property
     def uses(self) -> list[str]:
@@ -368,10 +398,24 @@ def plan(cfg: PipelineConfig) -> list[Step]:
         if "out" in fields:
             probe["out"] = f"{root}/{section}/_"
         resolved = build(stage.config_class, probe, f"pipeline section {section} (stage {stage_name})")
-        identity = {k: v for k, v in flatten(resolved.to_dict()).items() if not _excluded(k)}
+        identity: dict[str, Any] = {k: v for k, v in flatten(resolved.to_dict()).items() if not _excluded(k)}
+        step.source = _source_fingerprint(section, resolved)
+        if step.source is not None:
+            identity["source"] = step.source["digest"]
         step.key = fingerprint({"stage": stage_name, "config": identity})[:12]
         step.out = f"{root}/{section}/{step.key}"
     return list(steps.values())
+
+
+def _source_fingerprint(section: str, cfg: Config) -> dict[str, Any] | None:
+    """A stage config that reads data from outside the pipeline says what it holds now."""
+    method = getattr(cfg, "source_fingerprint", None)
+    if method is None:
+        return None
+    try:
+        return method()
+    except (FileNotFoundError, StorageError) as err:
+        raise ConfigError(f"stages.{section}: cannot list its source: {err}") from None
 
 
 def pipeline_key(steps: list[Step]) -> str:
@@ -444,10 +488,17 @@ class Run:
         if self.parent.run_id and self.parent.run_id != run_id:
             self.storage.put_text(record_key, json.dumps({"run_id": self.parent.run_id, "uri": self.uri}))
         self.parent.log_params({f"key.{s.section}": s.key or "not run" for s in self.steps})
+        self.parent.log_params({f"source.{s.section}": f"{s.source['digest']} ({s.source['files']} files)"
+                                for s in self.steps if s.source})
 
     def _stage_tags(self, step: Step) -> dict[str, str]:
-        return {"sonosynth.pipeline": self.cfg.name or "pipeline", "sonosynth.pipeline_id": self.pkey,
+        tags = {"sonosynth.pipeline": self.cfg.name or "pipeline", "sonosynth.pipeline_id": self.pkey,
                 "sonosynth.pipeline_section": step.section, "sonosynth.pipeline_key": step.key}
+        if step.source:
+            tags.update({"sonosynth.source_fingerprint": step.source["digest"],
+                         "sonosynth.source_files": str(step.source["files"]),
+                         "sonosynth.source": str(step.source["uri"])})
+        return tags
 
     def replay_offline(self) -> None:
         """Deliver what earlier runs could not (their parent runs first, then the stages' records
@@ -628,6 +679,15 @@ class Run:
         return set(names), set()
 
     def execute(self) -> Report:
+        """Run under the output's lease: one pipeline at a time writes OUT."""
+        if not self.cfg.lease.enabled:
+            return self._execute(None)
+        lease = Lease(self.root, LEASE_KEY, ttl_s=self.cfg.lease.ttl_s, storage_config=self.cfg.storage,
+                      purpose=f"pipeline {self.cfg.name or ''} into {self.root}")
+        with lease.held():
+            return self._execute(lease)
+
+    def _execute(self, lease: Lease | None) -> Report:
         runnable, forced = self.selected()
         for step in self.steps:  # what a selected section reads must have finished
             if step.skip or step.section in runnable:
@@ -656,6 +716,8 @@ class Run:
         try:
             for i, step in enumerate(self.steps, 1):
                 head = f"[{i}/{total}] {step.section} ({step.stage})"
+                if lease is not None:
+                    lease.check()
                 if step.skip:
                     self.status[step.section] = f"not run: {step.skip}"
                     echo(f"{head}: not run ({step.skip})")
@@ -769,6 +831,7 @@ class Run:
                 "status": self.status.get(step.section, "not run"), "key": step.key,
                 "inputs": "; ".join(f"{k}={v}" for k, v in (self.inputs.get(step.section) or {}).items()),
                 "outputs": "; ".join(f"{k}={v}" for k, v in (rep.get("outputs") or {}).items()),
+                "source": f"{step.source['digest']} ({step.source['files']} files)" if step.source else "",
                 "mlflow_run": tr.get("run_id") or "", "model_version": model,
                 "seconds": round(self.seconds[step.section], 1) if step.section in self.seconds else "",
             })
@@ -821,7 +884,8 @@ def run(cfg: PipelineConfig) -> Report:
 
 # -- tables and the HTML report -----------------------------------------------------------------
 
-COLUMNS = ("section", "stage", "status", "key", "inputs", "outputs", "mlflow_run", "model_version", "seconds")
+COLUMNS = ("section", "stage", "status", "key", "source", "inputs", "outputs", "mlflow_run", "model_version",
+           "seconds")
 
 
 def to_csv(rows: list[dict[str, Any]]) -> str:
@@ -956,7 +1020,8 @@ written {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}.</p>
 <h2 id="promotion">Promotion</h2>
 {_promotion_section(r)}
 <h2 id="lineage">Lineage</h2>
-<p>One row per section: its key (a hash of its config and of its inputs' keys), what it read and
+<p>One row per section: its key (a hash of its config, of its inputs' keys and, for an ingest,
+of its source listing: the source column), what it read and
 wrote, its MLflow run and the model version it registered.</p>
 {lineage}
 <h2 id="open">Open in MLflow</h2>
@@ -965,5 +1030,5 @@ wrote, its MLflow run and the model version it registered.</p>
 """
 
 
-__all__ = ["PipelineConfig", "PipelineFailed", "PipelineReportConfig", "Run", "Step", "pipeline_key", "plan",
-           "resolve_pipeline", "run", "shared_data_dir"]
+__all__ = ["LeaseConfig", "PipelineConfig", "PipelineFailed", "PipelineReportConfig", "Run", "Step", "pipeline_key",
+           "plan", "resolve_pipeline", "run", "shared_data_dir"]
