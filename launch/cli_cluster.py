@@ -319,11 +319,14 @@ def k8s_render(
     set_: Annotated[Optional[list[str]], typer.Option(
         "--set", metavar="KEY=VALUE", help="Override a config field (repeatable); checked here, passed "
                                            "to the job.")] = None,
-    name: Annotated[Optional[str], typer.Option(help="metadata.name (default: STAGE-RECIPE).")] = None,
+    name: Annotated[Optional[str], typer.Option(
+        help="metadata.name: a DNS-1035 label of at most 47 characters (36 with --schedule, 41 with "
+             "--cronjob); default STAGE-RECIPE, shortened to fit.")] = None,
     namespace: Annotated[str, typer.Option(help="Namespace of the stack.")] = "sonosynth",
     cluster: Annotated[str, typer.Option(help="The RayCluster the job runs on.")] = "sonosynth",
     schedule: Annotated[Optional[str], typer.Option(
-        help="Cron schedule, e.g. '0 2 * * *': render a RayCronJob instead of a RayJob.")] = None,
+        help="Cron schedule, e.g. '0 2 * * *': render a RayCronJob instead of a RayJob (it needs KubeRay "
+             ">= 1.7.0 started with --feature-gates=RayCronJob=true; else add --cronjob).")] = None,
     time_zone: Annotated[Optional[str], typer.Option(help="Time zone of --schedule, e.g. Europe/Paris.")] = None,
     cronjob: Annotated[bool, typer.Option(
         "--cronjob", help="With --schedule: a plain CronJob that creates the RayJob, for operators "

