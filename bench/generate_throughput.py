@@ -34,8 +34,8 @@ def make_lora(folder: Path, resolution: int) -> Path:
 
 def job(lora: Path, out: Path, args, workers: int) -> dict:
     from sonosynth.infra.config import build
-    from sonosynth.launch.generate import GenerateConfig
-    from sonosynth.launch.generate_driver import run_generate
+    from sonosynth.launch.generate.config import GenerateConfig
+    from sonosynth.launch.generate.driver import run_generate
 
     cfg = build(GenerateConfig, {
         "out": str(out), "num_samples": args.num, "shard_size": args.shard_size, "workers": workers,
@@ -49,7 +49,7 @@ def job(lora: Path, out: Path, args, workers: int) -> dict:
 
 
 def pure_loop(lora: Path, args) -> float:
-    from sonosynth.launch.generate import sample_seed
+    from sonosynth.launch.generate.config import sample_seed
     from sonosynth.trainers.diffusion.sampler import Sampler, SamplerConfig, SampleSpec
 
     torch.set_num_threads(1)

@@ -66,7 +66,7 @@ def evaluation(model: str, dataset: str, out: Path, args) -> dict:
     import monai.metrics  # noqa: F401 - imported before the clock starts (seconds on a cold start)
 
     from sonosynth.infra.config import build
-    from sonosynth.launch.evaluate import EvaluateConfig, model_predictor, run
+    from sonosynth.launch.evaluate.segmentation import EvaluateConfig, model_predictor, run
 
     t0 = time.perf_counter()
     cfg = build(EvaluateConfig, {"dataset": dataset, "split": None, "model": model, "out": str(out), "box_draws": 5,

@@ -80,14 +80,14 @@ def _train_classifier():
 
 
 def _generate():
-    from sonosynth.launch.generate import GenerateConfig
-    from sonosynth.launch.generate_driver import run
+    from sonosynth.launch.generate.config import GenerateConfig
+    from sonosynth.launch.generate.driver import run
 
     return GenerateConfig, run
 
 
 def _evaluate():
-    from sonosynth.launch.evaluate import EvaluateConfig, run
+    from sonosynth.launch.evaluate.segmentation import EvaluateConfig, run
 
     return EvaluateConfig, run
 
@@ -105,7 +105,7 @@ def _pipeline():
 
 
 def _sweep():
-    from sonosynth.launch.sweep import SweepConfig, run
+    from sonosynth.launch.pipeline.sweep import SweepConfig, run
 
     return SweepConfig, run
 

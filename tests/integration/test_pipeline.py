@@ -45,7 +45,7 @@ def tiny() -> list[str]:
 
 def command(out: Path, *extra: str) -> list[str]:
     sets = [x for s in [*tiny(), *extra] for x in ("--set", s)]
-    return [sys.executable, "-m", "sonosynth.launch.cli_pipeline", "pipeline", "demo", "--out", str(out),
+    return [str(Path(sys.executable).with_name("sonosynth")), "pipeline", "demo", "--out", str(out),
             "--no-progress", *sets]
 
 

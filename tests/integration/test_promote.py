@@ -73,7 +73,7 @@ def champion(client) -> str:
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "sonosynth.launch.cli_pipeline", *args],
+    return subprocess.run([str(Path(sys.executable).with_name("sonosynth")), *args],
                           capture_output=True, text=True, timeout=120)
 
 

@@ -103,7 +103,7 @@ def test_registered_model_loads_from_the_mlflow_server_and_predicts(reference, p
 
     from sonosynth.datasets.indexed import ShardDataset
     from sonosynth.infra.config import build
-    from sonosynth.launch.evaluate_classification import ClassificationEvalConfig, run_classification
+    from sonosynth.launch.evaluate.classification import ClassificationEvalConfig, run_classification
     from sonosynth.trainers.classifier import load_classifier
 
     cfg, s = reference

@@ -185,7 +185,7 @@ def test_recipe_runs_end_to_end_on_the_real_hc18_sample(shared_data, work):
     """hc18_sample (800x540 outline annotations, filled by ingest) -> the train-sam CLI -> evaluate."""
     from sonosynth.datasets.ingest import IngestConfig, run_ingest
     from sonosynth.infra.config import build
-    from sonosynth.launch.evaluate import EvaluateConfig, run
+    from sonosynth.launch.evaluate.segmentation import EvaluateConfig, run
 
     hc18 = work / "hc18"
     cohort = {"name": "hc18", "src": str(shared_data / "hc18_sample")}

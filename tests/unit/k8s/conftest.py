@@ -52,7 +52,7 @@ def cluster_recipes() -> list[tuple[str, str]]:
 
 
 def render_nightly(cronjob: bool = False) -> list[dict]:
-    from sonosynth.launch.k8s_render import render
+    from sonosynth.launch.cluster.k8s_render import render
 
     args = dict(NIGHTLY)
     docs, _ = render(args.pop("recipe"), args.pop("stage"), args.pop("overrides"), cronjob=cronjob, **args)
@@ -123,7 +123,7 @@ def rules() -> ModuleType:
 @pytest.fixture(scope="session")
 def manifests(built) -> dict[str, list[dict]]:
     """Every manifest: label -> its documents."""
-    from sonosynth.launch.k8s_render import render
+    from sonosynth.launch.cluster.k8s_render import render
 
     out = {f"build {name}": docs for name, docs in built.items()}
     for path in sorted((K8S / "jobs").glob("*.yaml")):

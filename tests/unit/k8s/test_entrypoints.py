@@ -3,8 +3,8 @@
 A RayJob's entrypoint is checked nowhere before it runs on the cluster: a renamed verb or a
 recipe missing from the image fails only at 2 a.m. Here every entrypoint (the overlays'
 RayCronJob, the fallback's RayJob kept in a ConfigMap, k8s/jobs/, `k8s render` outputs) must
-name a job verb (`sonosynth.launch.submit.job_verbs()`, the pipeline included) and a recipe
-shipped in configs/ (or, for `python -m sonosynth.launch.submit`, one embedded in the job's
+name a job verb (`sonosynth.launch.cluster.submit.job_verbs()`, the pipeline included) and a recipe
+shipped in configs/ (or, for `python -m sonosynth.launch.cluster.submit`, one embedded in the job's
 runtime env), and a pipeline's recipe must resolve with the job's overrides as `sonosynth
 pipeline` resolves it.
 """
@@ -19,7 +19,7 @@ from typing import Any, Iterator
 import pytest
 import yaml
 
-SUBMIT = ["python", "-m", "sonosynth.launch.submit"]
+SUBMIT = ["python", "-m", "sonosynth.launch.cluster.submit"]
 
 
 def job_specs(doc: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -37,7 +37,7 @@ def job_specs(doc: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
 
 def entrypoint_problems(spec: dict[str, Any]) -> list[str]:
     from sonosynth.launch.recipes import recipe_names
-    from sonosynth.launch.submit import RECIPE_ENV, job_verbs
+    from sonosynth.launch.cluster.submit import RECIPE_ENV, job_verbs
 
     argv = shlex.split(spec.get("entrypoint", ""))
     if argv[:1] == ["sonosynth"]:
@@ -95,7 +95,7 @@ def test_every_entrypoint_names_a_verb_and_a_recipe_that_exist(manifests):
     ("sonosynth generat generate_cluster", "verb 'generat' is not one a job can run"),
     ("sonosynth pipeline nightly_heads --set nope=1", "the pipeline does not resolve"),
     ("sonosynth pipeline nightly_heads --set from_stage=nope", "the pipeline does not resolve"),
-    ("python -m sonosynth.launch.submit train-lora my_lora.yaml", "is not embedded"),
+    ("python -m sonosynth.launch.cluster.submit train-lora my_lora.yaml", "is not embedded"),
     ("bash -c 'sonosynth generate generate_cluster'", "runs neither"),
 ], ids=["unknown-recipe", "unknown-verb", "pipeline-bad-key", "pipeline-bad-from-stage", "recipe-not-embedded",
         "not-a-sonosynth-verb"])
@@ -106,7 +106,7 @@ def test_a_broken_entrypoint_is_reported(entrypoint, expected):
 
 
 def test_an_embedded_recipe_is_checked_as_the_job_would_read_it(tmp_path):
-    from sonosynth.launch.k8s_render import render
+    from sonosynth.launch.cluster.k8s_render import render
 
     recipe = tmp_path / "my_nightly.yaml"
     recipe.write_text("extends: nightly_heads_tiny\nout: s3://sonosynth/nightly-mine\n")

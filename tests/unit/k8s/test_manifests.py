@@ -283,7 +283,7 @@ def committed_jobs() -> list[Path]:
 
 @pytest.mark.parametrize("path", committed_jobs(), ids=lambda p: p.name)
 def test_committed_stage_jobs_are_what_render_writes_and_validate(path):
-    from sonosynth.launch.k8s_render import render
+    from sonosynth.launch.cluster.k8s_render import render
 
     header = path.read_text().splitlines()[0]
     assert header.startswith("# Rendered by: sonosynth k8s render "), header
@@ -300,7 +300,7 @@ def test_committed_stage_jobs_are_what_render_writes_and_validate(path):
 
 @pytest.mark.parametrize("cronjob", [False, True], ids=["raycronjob", "cronjob-fallback"])
 def test_scheduled_renders_validate(cronjob):
-    from sonosynth.launch.k8s_render import render
+    from sonosynth.launch.cluster.k8s_render import render
 
     docs, _ = render("lora_joint_head_cluster", "train-lora", ["engine.epochs=50"],
                      schedule="30 1 * * *", time_zone="Europe/Paris", cronjob=cronjob)
@@ -315,9 +315,9 @@ def test_scheduled_renders_validate(cronjob):
 
 
 def test_a_recipe_file_not_in_the_image_travels_in_the_job(tmp_path):
-    from sonosynth.launch.k8s_render import render
+    from sonosynth.launch.cluster.k8s_render import render
     from sonosynth.launch.recipes import load_recipe
-    from sonosynth.launch.submit import RECIPE_ENV
+    from sonosynth.launch.cluster.submit import RECIPE_ENV
 
     recipe = tmp_path / "my_lora.yaml"
     recipe.write_text("extends: lora_joint_tiny\nout: s3://sonosynth/lora/mine\ndata:\n  dataset: s3://sonosynth/ph\n")
@@ -325,7 +325,7 @@ def test_a_recipe_file_not_in_the_image_travels_in_the_job(tmp_path):
     validate(doc)
     assert doc["metadata"]["name"] == "train-lora-my-lora" and not warnings
     argv = shlex.split(doc["spec"]["entrypoint"])
-    assert argv == ["python", "-m", "sonosynth.launch.submit", "train-lora", "my_lora.yaml", "--set",
+    assert argv == ["python", "-m", "sonosynth.launch.cluster.submit", "train-lora", "my_lora.yaml", "--set",
                     "engine.max_steps=5"]
     env = yaml.safe_load(doc["spec"]["runtimeEnvYAML"])["env_vars"]
     assert yaml.safe_load(env[RECIPE_ENV]) == load_recipe(recipe)  # extends: merged in
@@ -333,7 +333,7 @@ def test_a_recipe_file_not_in_the_image_travels_in_the_job(tmp_path):
 
 def test_render_checks_the_recipe_here_and_warns_about_local_paths():
     from sonosynth.infra.config import ConfigError
-    from sonosynth.launch.k8s_render import render
+    from sonosynth.launch.cluster.k8s_render import render
 
     with pytest.raises(ConfigError, match="num_samplez: unknown key; did you mean 'num_samples'"):
         render("generate_cluster", "generate", ["num_samplez=5"])
@@ -350,7 +350,7 @@ def test_render_checks_the_recipe_here_and_warns_about_local_paths():
 
 def test_render_resolves_a_pipeline_as_sonosynth_pipeline_does():
     from sonosynth.infra.config import ConfigError
-    from sonosynth.launch.k8s_render import render
+    from sonosynth.launch.cluster.k8s_render import render
 
     with pytest.raises(ConfigError, match="nope: unknown key"):
         render("nightly_heads", "pipeline", ["nope=1"])
@@ -364,7 +364,7 @@ def test_render_resolves_a_pipeline_as_sonosynth_pipeline_does():
 
 
 def test_the_rendered_by_annotation_is_the_whole_command():
-    from sonosynth.launch.k8s_render import render
+    from sonosynth.launch.cluster.k8s_render import render
 
     docs, _ = render("lora_joint_head_cluster", "train-lora", ["engine.epochs=5"], name="lora-weekly",
                      schedule="0 3 * * 0", time_zone="Europe/Paris", cronjob=True)

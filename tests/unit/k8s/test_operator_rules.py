@@ -246,7 +246,7 @@ def test_the_cron_parser_accepts_what_robfig_cron_accepts(rules):
 ], ids=["rayjob-48", "raycronjob-37", "cronjob-fallback-42", "leading-digit", "uppercase", "trailing-dash"])
 def test_render_refuses_a_name_kuberay_refuses(name, schedule, cronjob, expected):
     from sonosynth.infra.config import ConfigError
-    from sonosynth.launch.k8s_render import render
+    from sonosynth.launch.cluster.k8s_render import render
 
     with pytest.raises(ConfigError, match=expected) as err:
         render("generate_tiny", "generate", name=name, schedule=schedule, cronjob=cronjob)
@@ -257,7 +257,7 @@ def test_render_refuses_a_name_kuberay_refuses(name, schedule, cronjob, expected
                                                       ("0 2 * * *", True, 41)],
                          ids=["rayjob", "raycronjob", "cronjob-fallback"])
 def test_render_shortens_automatic_names_to_fit(tmp_path, rules, schedule, cronjob, limit):
-    from sonosynth.launch.k8s_render import render
+    from sonosynth.launch.cluster.k8s_render import render
 
     recipe = tmp_path / "a_recipe_whose_name_goes_on_and_on_well_past_any_limit.yaml"
     recipe.write_text("extends: generate_tiny\nout: s3://sonosynth/synthetic\n")
@@ -269,7 +269,7 @@ def test_render_shortens_automatic_names_to_fit(tmp_path, rules, schedule, cronj
 
 def test_render_refuses_an_unknown_time_zone_and_an_empty_cluster():
     from sonosynth.infra.config import ConfigError
-    from sonosynth.launch.k8s_render import render
+    from sonosynth.launch.cluster.k8s_render import render
 
     for cronjob in (False, True):
         with pytest.raises(ConfigError, match="--time-zone 'Mars/Olympus_Mons' is not in the tz database"):
@@ -281,7 +281,7 @@ def test_render_refuses_an_unknown_time_zone_and_an_empty_cluster():
 def test_render_cli_exits_2_on_a_bad_name():
     from typer.testing import CliRunner
 
-    from sonosynth.launch.cli import app
+    from sonosynth.launch.cli.app import app
 
     res = CliRunner().invoke(app, ["k8s", "render", "generate_tiny", "generate", "--name", "1-bad"])
     assert res.exit_code == 2

@@ -12,7 +12,7 @@ from scipy import ndimage
 from sonosynth.datasets.ingest import IngestConfig, run_ingest
 from sonosynth.datasets.reader import DatasetReader
 from sonosynth.infra.config import ConfigError, build
-from sonosynth.launch.evaluate import EvaluateConfig, run
+from sonosynth.launch.evaluate.segmentation import EvaluateConfig, run
 
 
 def _no_nan(text: str) -> dict:

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from sonosynth.infra.config import ConfigError, build
-from sonosynth.launch.evaluate_classification import (
+from sonosynth.launch.evaluate.classification import (
     ClassificationEvalConfig, read_predictions_csv, run_classification,
 )
 from sonosynth.trainers.evaluation.classification import classification_metrics
@@ -155,7 +155,7 @@ def test_any_config_with_the_fields_works_for_the_evaluate_dispatch(phantom, tmp
 
 
 def test_is_classification_tells_the_evaluate_dispatch(tmp_path):
-    from sonosynth.launch.evaluate_classification import is_classification
+    from sonosynth.launch.evaluate.classification import is_classification
 
     folder = tmp_path / "job" / "model"
     folder.mkdir(parents=True)

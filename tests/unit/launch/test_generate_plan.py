@@ -9,8 +9,8 @@ from sonosynth.datasets.geometry import Ellipse
 from sonosynth.datasets.reader import DatasetReader
 from sonosynth.infra.config import build
 from sonosynth.infra.storage import LocalStorage
-from sonosynth.launch.generate import GenerateConfig, sample_seed, plan_job
-from sonosynth.launch.generate_worker import ATTEMPTS_EXHAUSTED, SamplerWorker
+from sonosynth.launch.generate.config import GenerateConfig, sample_seed, plan_job
+from sonosynth.launch.generate.worker import ATTEMPTS_EXHAUSTED, SamplerWorker
 
 
 def cfg(tmp_path, **kw):
@@ -90,7 +90,7 @@ def test_per_class_sets_the_count_and_keeps_classes_even(tmp_path, caplog):
     # without per_class, a count that does not divide among the planes is pointed out
     import logging
 
-    with caplog.at_level(logging.WARNING, logger="sonosynth.launch.generate"):
+    with caplog.at_level(logging.WARNING, logger="sonosynth.launch.generate.config"):
         plan_job(build(GenerateConfig, {"out": "o", "num_samples": 7}), lineage, None)
     assert "does not divide among 3 planes: {'brain': 3, 'femur': 2, 'thorax': 2}" in caplog.text
     # the resolved config written beside the output builds the same config again

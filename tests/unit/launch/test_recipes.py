@@ -22,14 +22,14 @@ GENERATE_RECIPES = sorted(p.stem for p in packaged_recipes().glob("generate_*.ya
 
 @pytest.mark.parametrize("name", GENERATE_RECIPES)
 def test_generate_recipes_resolve(name):
-    from sonosynth.launch.generate import GenerateConfig
+    from sonosynth.launch.generate.config import GenerateConfig
 
     cfg = resolve(GenerateConfig, name, {}, ["sampler.model.pretrained=null"])
     assert cfg.num_samples >= 1
 
 
 def test_paper_a_sampling_recipe():
-    from sonosynth.launch.generate import GenerateConfig
+    from sonosynth.launch.generate.config import GenerateConfig
 
     cfg = resolve(GenerateConfig, "generate_joint_head_paper", {}, ["sampler.model.pretrained=null"])
     s = cfg.sampler

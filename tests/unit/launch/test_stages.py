@@ -1,6 +1,5 @@
 from sonosynth.infra.config import Config
 from sonosynth.infra.stage import Report
-from sonosynth.launch.demo import plan_demo
 from sonosynth.launch.stages import STAGES, training_report
 
 
@@ -34,10 +33,12 @@ def test_training_report_reads_a_summary():
 
 
 def test_demo_is_the_demo_pipeline_recipe(tmp_path):
-    steps = plan_demo("demo", tmp_path, ["real.cohort.phantom.num=5"])
-    [(stage, cfg, what)] = steps
-    assert stage.name == "pipeline" and stage.config_class is type(cfg) and cfg.out == str(tmp_path)
-    assert list(cfg.stages)[:4] == ["real", "hc18", "lora", "synthetic"] and "lora" in what
+    from sonosynth.launch.pipeline import resolve_pipeline
+    from sonosynth.launch.stages import get_stage
+
+    cfg = resolve_pipeline("demo", {"out": str(tmp_path)}, ["real.cohort.phantom.num=5"])
+    assert get_stage("pipeline").config_class is type(cfg) and cfg.out == str(tmp_path)
+    assert list(cfg.stages)[:4] == ["real", "hc18", "lora", "synthetic"]
     assert cfg.stages["real"]["cohort"]["phantom"]["num"] == 5
     assert cfg.stages["lora"]["data"]["dataset"] == "${real.out}"
     assert cfg.stages["synthetic"]["sampler"]["lora"] == "${lora.outputs.model}"

@@ -14,7 +14,8 @@ from sonosynth.infra.jobdir import claim_output
 from sonosynth.infra.stage import Report, StageFailed
 from sonosynth.infra.storage import open_storage
 from sonosynth.infra.tracking import Tracker, TrackingConfig
-from sonosynth.launch import stages, sweep
+from sonosynth.launch import stages
+from sonosynth.launch.pipeline import sweep
 
 
 class ScaleConfig(Config):

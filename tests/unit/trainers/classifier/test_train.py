@@ -277,7 +277,7 @@ def test_export_loads_back_and_predicts_the_same(task, tmp_path):
 
 def test_classifier_recipes_resolve_and_the_sweep_matches_the_paper_rows():
     from sonosynth.launch.recipes import packaged_recipes, resolve
-    from sonosynth.launch.sweep import SweepConfig, cell_config
+    from sonosynth.launch.pipeline.sweep import SweepConfig, cell_config
 
     names = sorted(p.stem for p in packaged_recipes().glob("classifier_*.yaml") if p.stem != "classifier_paper_sweep")
     assert {"classifier_tiny", "classifier_es", "classifier_es_da", "classifier_hb", "classifier_hb_da"} <= set(names)

@@ -1,7 +1,7 @@
 """Ray Jobs: run any sonosynth verb on a Ray cluster through the Job Submission API.
 
 ``submit(["train-lora", "lora_joint_tiny", ...], address=...)`` sends one Ray job whose
-entrypoint is ``python -m sonosynth.launch.submit VERB ARGS...`` (this module's ``main``: it
+entrypoint is ``python -m sonosynth.launch.cluster.submit VERB ARGS...`` (this module's ``main``: it
 prints which sonosynth it runs from, then runs the CLI verb). What travels with the job:
 
 - **the installed package, never the repo.** ``package="wheel"`` (the default) ships the
@@ -70,7 +70,7 @@ class SubmitError(RuntimeError):
 
 def job_verbs() -> list[str]:
     """Every verb a job may run: the CLI's commands and the stage registry's stages."""
-    from sonosynth.launch.cli import app
+    from sonosynth.launch.cli.app import app
     from sonosynth.launch.stages import STAGES
 
     names = {c.name or c.callback.__name__.replace("_", "-") for c in app.registered_commands}
@@ -309,7 +309,7 @@ def runtime_env(folder: Path | None, package: str, env_names: Iterable[str] = ()
 
 
 def entrypoint(argv: list[str]) -> str:
-    return shlex.join(["python", "-m", "sonosynth.launch.submit", *argv])
+    return shlex.join(["python", "-m", "sonosynth.launch.cluster.submit", *argv])
 
 
 def submit(argv: list[str], address: str | None = None, *, package: str = "wheel", env_names: Iterable[str] = (),
@@ -401,7 +401,7 @@ def main(argv: list[str] | None = None) -> None:
         path = folder / Path(argv[1]).name
         path.write_text(os.environ[RECIPE_ENV])
         argv[1] = str(path)
-    from sonosynth.launch.cli import main as cli_main
+    from sonosynth.launch.cli.app import main as cli_main
 
     sys.argv = ["sonosynth", *argv]
     cli_main()

@@ -1,6 +1,6 @@
 """The cluster verbs of ``sonosynth``: ``stack``, ``submit``, ``jobs`` and ``k8s``.
 
-``register(app)`` adds them to the main CLI (``launch/cli.py``). Same conventions as the
+``register(app)`` adds them to the main CLI (``launch/cli/app.py``). Same conventions as the
 stage verbs: exit 2 for a usage error (the message names the fix), 1 for a failure.
 """
 
@@ -35,7 +35,7 @@ def _failure(err: object) -> NoReturn:
 
 
 def _errors():
-    from sonosynth.launch.submit import SubmitError, SubmitUsageError
+    from sonosynth.launch.cluster.submit import SubmitError, SubmitUsageError
 
     return SubmitUsageError, SubmitError
 
@@ -167,7 +167,7 @@ def submit(
             train-lora lora_joint_head_cluster
     """
     from sonosynth.infra.config import ConfigError
-    from sonosynth.launch import submit as sub
+    from sonosynth.launch.cluster import submit as sub
 
     usage, failure = _errors()
     try:
@@ -218,7 +218,7 @@ def jobs_list(
     \b
         sonosynth jobs list --address http://head:8265
     """
-    from sonosynth.launch import submit as sub
+    from sonosynth.launch.cluster import submit as sub
 
     usage, failure = _errors()
     try:
@@ -251,7 +251,7 @@ def jobs_logs(
     \b
         sonosynth jobs logs raysubmit_XYZ --follow
     """
-    from sonosynth.launch import submit as sub
+    from sonosynth.launch.cluster import submit as sub
 
     usage, failure = _errors()
     code = 0
@@ -283,7 +283,7 @@ def jobs_stop(
     \b
         sonosynth jobs stop raysubmit_XYZ
     """
-    from sonosynth.launch import submit as sub
+    from sonosynth.launch.cluster import submit as sub
 
     usage, failure = _errors()
     try:
@@ -348,7 +348,7 @@ def k8s_render(
             --set num_samples=2000 | kubectl create -f -
     """
     from sonosynth.infra.config import ConfigError
-    from sonosynth.launch.k8s_render import dump, render
+    from sonosynth.launch.cluster.k8s_render import dump, render
 
     if cronjob and not schedule:
         _usage_error("--cronjob needs --schedule")

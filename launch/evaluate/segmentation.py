@@ -198,7 +198,7 @@ def run(cfg: EvaluateConfig, predict_fn: PredictFn | None = None) -> Report:
     """Score every image of ``cfg.split`` that has a mask (or, for a classifier, a label); see the
     module docstring. Classification goes to ``launch.evaluate_classification``."""
     from sonosynth.datasets.reader import DatasetReader
-    from sonosynth.launch.evaluate_classification import is_classification, run_classification
+    from sonosynth.launch.evaluate.classification import is_classification, run_classification
     from sonosynth.trainers.evaluation.segmentation import draw_boxes, overlay, plots, score_image, summarize
 
     if predict_fn is None and (cfg.task == "classification" or (cfg.task == "auto" and is_classification(cfg))):

@@ -17,8 +17,8 @@ from sonosynth.infra.jobdir import claim_output, offline_dir_for
 from sonosynth.infra.stage import Report, StageFailed
 from sonosynth.infra.storage import Storage, open_storage
 from sonosynth.infra.tracking import Tracker
-from sonosynth.launch.generate import GenerateConfig, JobPlan, plan_job
-from sonosynth.launch.generate_worker import ATTEMPTS_EXHAUSTED, SamplerWorker, shard_name
+from sonosynth.launch.generate.config import GenerateConfig, JobPlan, plan_job
+from sonosynth.launch.generate.worker import ATTEMPTS_EXHAUSTED, SamplerWorker, shard_name
 
 log = logging.getLogger(__name__)
 IN_FLIGHT_PER_ACTOR = 2

@@ -14,7 +14,7 @@ the confusion matrix, and ``auc_paper_hard_label`` with ``paper_compatible``) an
 ``confusion.png``, and logs them to MLflow (experiment sonosynth-evaluate).
 
 ``run_classification(cfg)`` takes a ``ClassificationEvalConfig`` or any config with the same
-field names (``launch/evaluate.py`` dispatches to it).
+field names (``launch/evaluate/segmentation.py`` dispatches to it).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from sonosynth.infra.jobdir import claim_output, offline_dir_for
 from sonosynth.infra.stage import Report
 from sonosynth.infra.storage import StorageConfig, open_storage
 from sonosynth.infra.tracking import Tracker, TrackingConfig
-from sonosynth.launch.evaluate import json_safe
+from sonosynth.launch.evaluate.segmentation import json_safe
 
 EXPERIMENT = "sonosynth-evaluate"
 CLASSIFIER_FILE = "classifier.json"

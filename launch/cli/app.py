@@ -402,8 +402,8 @@ def tracking_replay(
     typer.echo(f"delivered to run {run_id}")
 
 
-from sonosynth.launch.cli_cluster import register as _register_cluster  # noqa: E402 - verbs defined there
-from sonosynth.launch.cli_pipeline import register as _register_pipeline  # noqa: E402
+from sonosynth.launch.cli.cluster import register as _register_cluster  # noqa: E402 - verbs defined there
+from sonosynth.launch.cli.pipeline import register as _register_pipeline  # noqa: E402
 
 _register_pipeline(app)
 _register_cluster(app)

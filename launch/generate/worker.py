@@ -22,7 +22,7 @@ from sonosynth.datasets.records import Sample, synthetic_key
 from sonosynth.datasets.shards import ShardRecord, done_key, find_completed, publish_shard, shard_key
 from sonosynth.datasets.synthetic import extract
 from sonosynth.infra.storage import open_storage
-from sonosynth.launch.generate import GenerateConfig, JobPlan
+from sonosynth.launch.generate.config import GenerateConfig, JobPlan
 
 ATTEMPTS_EXHAUSTED = "attempts_exhausted"
 

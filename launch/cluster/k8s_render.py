@@ -7,7 +7,7 @@ submitter pod, image or service account is involved and the cluster's token auth
 operator's business. The recipe and every override are resolved with the stage's config
 class first: a bad key fails here. A recipe shipped in the image (``configs/``) is referred
 to by name; any other recipe file is embedded, resolved (``extends:`` merged), in the job's
-runtime env and written back to a file by ``python -m sonosynth.launch.submit``.
+runtime env and written back to a file by ``python -m sonosynth.launch.cluster.submit``.
 
 With a schedule the same job spec becomes a RayCronJob, or (``cronjob=True``) a plain
 CronJob that creates the RayJob with kubectl, for operators without RayCronJob (its service
@@ -120,7 +120,7 @@ def check_config(stage: str, recipe: str, overrides: list[str]) -> list[str]:
     from sonosynth.infra.config import ConfigError, apply_overrides, build
     from sonosynth.launch.recipes import find_recipe, load_recipe
     from sonosynth.launch.stages import STAGES
-    from sonosynth.launch.submit import job_verbs
+    from sonosynth.launch.cluster.submit import job_verbs
 
     if stage == "pipeline":
         from sonosynth.launch.pipeline import resolve_pipeline
@@ -182,9 +182,9 @@ def job_spec(stage: str, recipe: str, overrides: list[str], cluster: str = CLUST
     if embedded is None:
         spec["entrypoint"] = shlex.join(["sonosynth", *argv])
     else:
-        from sonosynth.launch.submit import PACKAGE_ENV, RECIPE_ENV
+        from sonosynth.launch.cluster.submit import PACKAGE_ENV, RECIPE_ENV
 
-        spec["entrypoint"] = shlex.join(["python", "-m", "sonosynth.launch.submit", *argv])
+        spec["entrypoint"] = shlex.join(["python", "-m", "sonosynth.launch.cluster.submit", *argv])
         spec["runtimeEnvYAML"] = yaml.safe_dump(
             {"env_vars": {RECIPE_ENV: embedded, PACKAGE_ENV: "image"}}, sort_keys=False, width=1000)
     spec["metadata"] = {"sonosynth.stage": stage, "sonosynth.recipe": Path(recipe).stem}

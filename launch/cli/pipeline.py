@@ -1,13 +1,10 @@
 """The operators' verbs: ``sonosynth pipeline``, ``promote`` and ``rollback``.
 
-``register(app)`` adds them to the ``sonosynth`` command (``launch/cli.py``); run as
-``python -m sonosynth.launch.cli_pipeline`` they also work on their own.
+``register(app)`` adds them to the ``sonosynth`` command (``launch/cli/app.py``).
 """
 
 from __future__ import annotations
 
-import logging
-import sys
 from typing import Annotated, NoReturn, Optional
 
 import typer
@@ -169,15 +166,3 @@ def register(app: typer.Typer) -> None:
     app.command()(rollback)
     if not any((c.name or c.callback.__name__) == "demo" for c in app.registered_commands):
         app.command()(demo)
-
-
-def main() -> None:
-    app = typer.Typer(name="sonosynth", no_args_is_help=True, add_completion=False,
-                      pretty_exceptions_enable=False, rich_markup_mode=None)
-    register(app)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    app(prog_name="sonosynth")
-
-
-if __name__ == "__main__":
-    sys.exit(main())
