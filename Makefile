@@ -31,6 +31,7 @@ bench: $(STAMP)
 	$(PY) bench/reader_throughput.py
 	$(PY) bench/lora_train_throughput.py
 	$(PY) bench/generate_throughput.py
+	$(PY) bench/nightly_rerun.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -223,22 +223,3 @@ def logit_target(mask: np.ndarray, image_size: int, low_res: int) -> torch.Tenso
     m = resize_mask(mask, (th, tw)).float()
     return F.pad(m, (0, low_res - tw, 0, low_res - th))[None]
 
-
-def sam_example(image: np.ndarray, mask: np.ndarray, *, augment: PairedAugment, image_size: int,
-                low_res: int, jitter_px: int = 19, seed: int = 0, epoch: int = 0,
-                index: int | str = 0) -> dict[str, Any]:
-    """One SAM training example: augment, then the box from the augmented mask, then preprocess.
-
-    Returns image [3, S, S], box [4] (input frame), target [1, L, L] (0/1 float), box_px (image
-    pixels), input_size, original_size and ``empty`` (the augmented mask is empty: the box is
-    the whole image and the target all zeros).
-    """
-    img, msk = augment(image, mask, epoch=epoch, index=index)
-    box = box_from_mask(msk, jitter_px, np.random.default_rng(draw_seed("box", seed, epoch, index)))
-    empty = box is None
-    if empty:
-        box = full_box(msk.shape)
-    x, input_size = sam_preprocess(img, image_size)
-    return {"image": x, "box": torch.from_numpy(boxes_to_input(box[None], msk.shape, image_size)[0]),
-            "target": logit_target(msk, image_size, low_res), "box_px": box, "input_size": input_size,
-            "original_size": tuple(msk.shape), "empty": empty}

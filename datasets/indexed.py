@@ -9,8 +9,9 @@ their completion record (``_done/``), so they are reused across runs and verifie
 without a record is fetched once per process. Items are the streaming reader's:
 {key, image: uint8 [1,H,W], mask: uint8 [1,H,W] or None, meta: dict}.
 
-``mix_indexed`` takes exact counts (a seeded choice, the same keys ``mix`` picks for the same
-seed) from several datasets; ratios are for streaming (``reader.mix``).
+``mix_indexed`` takes exact counts (``mix.choose``: the same keys ``reader.mix`` picks for the
+same seed) from several datasets; ratios are for streaming (``reader.mix``). Named training
+mixes are ``sonosynth.datasets.mix``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import bisect
 import hashlib
 import json
 import os
-import random
 import uuid
 from pathlib import Path
 from typing import Any, Sequence
@@ -28,6 +28,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from sonosynth.datasets.manifest import read_manifest
+from sonosynth.datasets.mix import choose
 from sonosynth.datasets.reader import PixelArena, decode_item
 from sonosynth.datasets.tario import TarError, split_name, tar_members
 from sonosynth.datasets.shards import ShardRecord, done_key
@@ -205,8 +206,8 @@ class IndexedMix(Dataset):
 
 def mix_indexed(datasets: list[ShardDataset], *, counts: Sequence[int | None] | None = None,
                 seed: int = 0) -> IndexedMix:
-    """Exactly ``counts[i]`` samples of ``datasets[i]`` (None: all of them), chosen by a
-    seeded draw: the same seed picks the same keys, as ``reader.mix`` does."""
+    """Exactly ``counts[i]`` samples of ``datasets[i]`` (None: all of them), chosen by
+    ``mix.choose`` (salted by the position ``i``): the keys ``reader.mix`` picks for the same seed."""
     counts = list(counts) if counts is not None else [None] * len(datasets)
     if len(counts) != len(datasets):
         raise ValueError(f"mix_indexed got {len(datasets)} datasets and {len(counts)} counts; give one "
@@ -219,6 +220,6 @@ def mix_indexed(datasets: list[ShardDataset], *, counts: Sequence[int | None] | 
             raise ValueError(f"{ds.uri} has {len(ds)} samples in split {ds.split!r}; count {count} "
                              f"{'asks for more' if count > 0 else 'is negative'}. Lower the count.")
         else:
-            chosen = np.array(sorted(random.Random(f"{seed}:{i}").sample(range(len(ds)), count)), dtype=np.int64)
+            chosen = np.searchsorted(ds.keys(), choose(ds.keys(), count, seed, i)).astype(np.int64)
         parts.append((ds, chosen))
     return IndexedMix(parts)

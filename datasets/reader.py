@@ -28,6 +28,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from sonosynth.datasets.manifest import read_manifest
+from sonosynth.datasets.mix import choose
 from sonosynth.datasets.records import Sample, decode_png
 from sonosynth.datasets.shards import SHARDS_DIR
 from sonosynth.datasets.tario import tar_records
@@ -263,7 +264,7 @@ def mix(sources: list[DataSource], *, shuffle_buffer: int = 256, seed: int = 0,
             if src.count > len(pool):
                 raise ValueError(f"{src.uri} has {len(pool)} samples in split {src.split!r}; "
                                  f"count {src.count} asks for more. Lower the count.")
-            keys = random.Random(f"{seed}:{i}").sample(pool, src.count)
+            keys = choose(pool, src.count, seed, i)
         readers.append(DatasetReader(src.uri, split=src.split, keys=keys, shuffle_buffer=shuffle_buffer,
                                      seed=seed + i, transform=transform, storage=storage))
         weights.append(float(src.count if src.count is not None else src.ratio))

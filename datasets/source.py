@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from sonosynth.infra.stage import InputNotFound
 from sonosynth.infra.storage import ObjectInfo, StorageConfig, open_storage
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,7 @@ def listing(uri: str, mode: FingerprintMode = "stat", storage: StorageConfig | N
             version = _content_hash(path) if mode == "content" else str(st.st_mtime_ns)
             return [ObjectInfo(path.name, st.st_size, version)]
         if not path.is_dir():
-            raise FileNotFoundError(f"source {uri} does not exist; check cohort.src (a folder or s3:// prefix)")
+            raise InputNotFound(f"source {uri} does not exist; check cohort.src (a folder or s3:// prefix)")
         infos = [i for i in open_storage(path).list_info("") if not _hidden(i.key)]
         if mode == "content":
             infos = [ObjectInfo(i.key, i.size, _content_hash(path / i.key)) for i in infos]
@@ -81,7 +82,7 @@ def listing(uri: str, mode: FingerprintMode = "stat", storage: StorageConfig | N
         return [i for i in store.list_info(name) if i.key == name]
     infos = [i for i in open_storage(uri.rstrip("/"), storage).list_info("") if not _hidden(i.key)]
     if not infos:
-        raise FileNotFoundError(f"source {uri} holds no objects; check cohort.src and AWS_ENDPOINT_URL")
+        raise InputNotFound(f"source {uri} holds no objects; check cohort.src and AWS_ENDPOINT_URL")
     return infos
 
 

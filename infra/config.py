@@ -22,6 +22,17 @@ class ConfigError(ValueError):
     """A recipe, override or flag does not fit the config; the message says the fix."""
 
 
+OPERATIONAL_FIELDS = ("out", "tracking", "progress", "ray", "storage", "workers", "overwrite",
+                      "engine.progress", "engine.loader_workers", "engine.prefetch")
+"""Fields that say how or where a job runs, never what it delivers: a pipeline section's key
+leaves them out, and a resumed job may change them."""
+
+
+def is_under(key: str, fields: Iterable[str] = OPERATIONAL_FIELDS) -> bool:
+    """Whether the dotted ``key`` is, or lies under, one of ``fields`` (default: the operational ones)."""
+    return any(key == f or key.startswith(f + ".") for f in fields)
+
+
 class Config(BaseModel):
     """Base of every sonosynth config: unknown keys are errors, fields document themselves."""
 
@@ -41,6 +52,10 @@ class Config(BaseModel):
     def flat(self) -> dict[str, Any]:
         """``{"a.b": value}`` for every leaf: what experiment trackers take as params."""
         return flatten(self.to_dict())
+
+    def content(self) -> dict[str, Any]:
+        """``flat()`` without the operational fields: what decides the job's result."""
+        return {k: v for k, v in self.flat().items() if not is_under(k)}
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -1,11 +1,12 @@
 """One writer at a time for an output folder: a lease with an owner, a host and an expiry.
 
 ``Lease(root, key)`` is a small JSON object at ``root/key`` (a local folder or an ``s3://``
-prefix). Taking it succeeds when no one holds it or its holder's expiry has passed (the
-holder died or hung); otherwise ``LeaseHeld`` names the holder, its host and when it
-expires. While held it is renewed in the background every ``ttl_s / 3`` seconds, so a
-live holder never loses it and a dead one loses it ``ttl_s`` seconds after its last
-renewal. Every change is a compare-and-swap, so two takers never both win:
+prefix). Taking it succeeds when no one holds it, when its holder's expiry has passed (the
+holder died or hung), or when the holder is a process of this host that no longer runs (a
+killed run on a laptop frees its output at once); otherwise ``LeaseHeld`` names the holder,
+its host and when it expires. While held it is renewed in the background every ``ttl_s / 3``
+seconds, so a live holder never loses it and a dead one on another host (a lost pod) loses it
+``ttl_s`` seconds after its last renewal. Every change is a compare-and-swap, so two takers never both win:
 
 - on S3, conditional writes: ``If-None-Match: *`` to create, ``If-Match: <ETag>`` to renew,
   take over or delete (S3 since 2024; MinIO, Ceph RGW and moto support them too);
@@ -60,6 +61,19 @@ class Holder:
     def dump(self) -> str:
         return json.dumps({**self.__dict__, "expires_utc": _utc(self.expires),
                            "acquired_utc": _utc(self.acquired)}, indent=1)
+
+    def is_dead(self) -> bool:
+        """Whether the holder is known to be gone: a process of this host that no longer runs
+        (killed, crashed). A holder on another host is only known dead when its lease expires."""
+        if self.host != socket.gethostname():
+            return False
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:  # alive, another user's
+            return False
+        return False
 
     def describe(self) -> str:
         return (f"{self.purpose or 'a sonosynth run'} (owner {self.owner}, host {self.host}, pid {self.pid}, "
@@ -195,7 +209,8 @@ class Lease:
                     previous = Holder.parse(text)
                 except (ValueError, KeyError, TypeError):
                     log.warning("the lease %s is unreadable; taking it over", self.uri)
-                if previous is not None and previous.owner != self.me and previous.expires > self.clock():
+                if previous is not None and previous.owner != self.me and previous.expires > self.clock() \
+                        and not previous.is_dead():
                     raise LeaseHeld(f"{self.uri} is held by {previous.describe()}; another run is writing this "
                                     f"output. Wait for it to finish, or if it is dead, wait until the lease "
                                     f"expires and re-run (or delete {self.uri})")
@@ -243,7 +258,8 @@ class Lease:
     def held(self) -> Iterator["Lease"]:
         previous = self.acquire()
         if previous is not None:
-            log.warning("took over the expired lease %s from %s", self.uri, previous.describe())
+            why = "whose process is gone" if previous.is_dead() else "whose lease expired"
+            log.warning("took over the lease %s from %s, %s", self.uri, previous.describe(), why)
         self._stop.clear()
         self._thread = threading.Thread(target=self._renew_loop, name="sonosynth-lease", daemon=True)
         self._thread.start()

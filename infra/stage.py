@@ -3,6 +3,7 @@
 A stage is one config class and one ``run(cfg) -> Report`` (``sonosynth.launch.stages``
 lists them). The CLI, ``sonosynth demo`` and the pipeline read the same report: ``text``
 for people, ``figures`` and ``outputs`` for programs, ``failed`` for the exit status.
+``UsageError`` (exit 2) and ``StageFailed`` (exit 1) are the errors a stage raises on purpose.
 """
 
 from __future__ import annotations
@@ -13,6 +14,17 @@ from typing import Any
 
 class StageFailed(RuntimeError):
     """A stage ran but could not deliver; the message names what is missing and the fix (exit 1)."""
+
+
+class UsageError(ValueError):
+    """The request cannot be run as given (a missing input, a bad combination of fields); the
+    message names the fix (exit 2). Raise it on purpose: any other exception escaping a stage is
+    a bug and exits 1 with its traceback."""
+
+
+class InputNotFound(FileNotFoundError):
+    """An input the request names does not exist (a source folder, a model URI); the message
+    names it and the fix (exit 2, like ``UsageError``; still a ``FileNotFoundError`` to callers)."""
 
 
 @dataclass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
@@ -69,23 +70,52 @@ def _make_phantom_dataset(dest: Path, num: int, planes: list[str], size: int = 9
     return dest
 
 
-@pytest.fixture(autouse=True)
-def _restore_mlflow_uris():
-    """A stage run in-process (pipeline, promote) points MLflow's process-wide URIs (and so the
-    MLFLOW_* variables subprocesses inherit) at its store; later tests must not inherit them."""
-    keys = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
-    saved = {k: os.environ.get(k) for k in keys}
-    yield
-    import sys
+class ReportPage(HTMLParser):
+    """report.html read back: tables by id (rows of cell texts), image sources, text by element id."""
 
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    if "mlflow" in sys.modules:  # and MLflow's own globals, which set_*_uri cannot unset
-        import mlflow.tracking._model_registry.utils as registry_utils
-        import mlflow.tracking._tracking_service.utils as tracking_utils
+    def __init__(self):
+        super().__init__()
+        self.tables: dict[str, list[list[str]]] = {}
+        self.images: list[str] = []
+        self.ids: dict[str, str] = {}
+        self._table, self._cell, self._id, self._id_tag = None, None, None, None
 
-        tracking_utils._tracking_uri = saved["MLFLOW_TRACKING_URI"]
-        registry_utils._registry_uri = saved["MLFLOW_REGISTRY_URI"]
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "table":
+            self._table = self.tables.setdefault(attrs.get("id", ""), [])
+        elif tag == "tr" and self._table is not None:
+            self._table.append([])
+        elif tag in ("td", "th") and self._table is not None:
+            self._cell = []
+        elif tag == "img":
+            self.images.append(attrs.get("src", ""))
+        if attrs.get("id") and tag not in ("table", "img"):
+            self._id, self._id_tag = attrs["id"], tag
+            self.ids[self._id] = ""
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th") and self._cell is not None:
+            self._table[-1].append("".join(self._cell))
+            self._cell = None
+        elif tag == "table":
+            self._table = None
+        elif tag == self._id_tag:
+            self._id = self._id_tag = None
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell.append(data)
+        if self._id:
+            self.ids[self._id] += data
+
+
+@pytest.fixture(scope="session")
+def read_report():
+    """``read_report(path)``: a pipeline's report.html as a ``ReportPage``."""
+    def read(path: Path) -> ReportPage:
+        page = ReportPage()
+        page.feed(Path(path).read_text())
+        return page
+
+    return read

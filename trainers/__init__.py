@@ -14,7 +14,7 @@ importing torch up front: ``load_sam_model(uri)`` and ``load_classifier(uri)``.
 _LAZY = {
     "load_sam_model": "sonosynth.trainers.sam.models",
     "load_classifier": "sonosynth.trainers.classifier",
-    "fetch_model_folder": "sonosynth.trainers.registry",
+    "fetch_model_folder": "sonosynth.infra.model_registry",
 }
 
 

@@ -115,6 +115,3 @@ def to_device(obj: Any, device: torch.device, non_blocking: bool = False) -> Any
     if isinstance(obj, (list, tuple)):
         return type(obj)(to_device(v, device, non_blocking) for v in obj)
     return obj
-
-
-# -- metrics ------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import model_validator
 
 from sonosynth.infra.cluster import RayConfig
-from sonosynth.infra.config import Config
+from sonosynth.infra.config import OPERATIONAL_FIELDS, Config, is_under
 from sonosynth.infra.jobdir import fingerprint
 from sonosynth.infra.storage import StorageConfig
 from sonosynth.infra.tracking import TrackingConfig
@@ -100,6 +100,27 @@ class EngineConfig(Config):
         return done == total or done % (self.eval_every or self.checkpoint_every) == 0
 
 
+LENGTH_FIELDS = ("max_steps", "epochs")
+"""The engine fields that say how long a job trains: a recipe gives one of them, or neither."""
+
+
+def with_engine_defaults(defaults: dict[str, Any], given: Any) -> Any:
+    """The engine section ``given`` (a mapping, an EngineConfig or None) with ``defaults`` under it:
+    every field it leaves out comes from ``defaults``, and the length (``LENGTH_FIELDS``) comes from the
+    defaults only when it gives neither max_steps nor epochs."""
+    if isinstance(given, EngineConfig):
+        given = {name: getattr(given, name) for name in given.model_fields_set}
+    if given is None:
+        given = {}
+    if not isinstance(given, dict):
+        return given  # not a section: validation names it
+    length = {k: v for k, v in given.items() if k in LENGTH_FIELDS and v is not None}
+    if not length:
+        length = {k: v for k, v in defaults.items() if k in LENGTH_FIELDS}
+    rest = {k: v for k, v in given.items() if k not in LENGTH_FIELDS}
+    return {**{k: v for k, v in defaults.items() if k not in LENGTH_FIELDS}, **rest, **length}
+
+
 class TrainStageConfig(Config):
     """What every training stage has: output, engine, optimizer, tracking, cluster."""
 
@@ -109,18 +130,19 @@ class TrainStageConfig(Config):
     """The stage's name, e.g. train-lora (default: train-<task>)."""
     experiment: ClassVar[str] = "sonosynth"
     registered_model: ClassVar[str] = ""
-    resumable_changes: ClassVar[tuple[str, ...]] = (
-        "engine.max_steps", "engine.epochs", "engine.max_failures", "engine.progress",
-        "engine.checkpoint_every", "engine.keep_checkpoints", "engine.log_every",
-        "engine.loader_workers", "engine.prefetch",
-        "tracking.", "ray.", "storage.", "out",
+    resumable_changes: ClassVar[tuple[str, ...]] = OPERATIONAL_FIELDS + (
+        "engine.max_steps", "engine.epochs", "engine.max_failures", "engine.checkpoint_every",
+        "engine.keep_checkpoints", "engine.log_every",
     )
-    """Fields a resumed job may change; any other difference means a different job."""
+    """Fields a resumed job may change (the operational ones, and how long it trains); any other
+    difference means a different job."""
+    engine_defaults: ClassVar[dict[str, Any]] = {"max_steps": 100}
+    """The stage's engine settings wherever the recipe's engine section and --set give none."""
 
     out: str
     """Output folder or s3:// prefix: checkpoints, the exported model, config.yaml, summary.json."""
     engine: EngineConfig = EngineConfig(max_steps=100)
-    """Distributed training engine."""
+    """Distributed training engine; what it leaves out comes from the stage's ``engine_defaults``."""
     optim: OptimConfig = OptimConfig()
     """Optimizer and schedule."""
     tracking: TrackingConfig = TrackingConfig()
@@ -129,6 +151,13 @@ class TrainStageConfig(Config):
     """Ray cluster to run on."""
     storage: StorageConfig = StorageConfig()
     """Retries and endpoint of the output storage."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _engine_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            data = {**data, "engine": with_engine_defaults(cls.engine_defaults, data.get("engine"))}
+        return data
 
     @model_validator(mode="after")
     def _check_task(self) -> "TrainStageConfig":
@@ -145,8 +174,7 @@ class TrainStageConfig(Config):
 
     def job_identity(self) -> dict[str, Any]:
         """The flattened config minus the fields a resumed job may change."""
-        return {k: v for k, v in self.flat().items()
-                if not any(k == f or (f.endswith(".") and k.startswith(f)) for f in self.resumable_changes)}
+        return {k: v for k, v in self.flat().items() if not is_under(k, self.resumable_changes)}
 
 
 def job_fingerprint(cfg: TrainStageConfig) -> str:

@@ -1,9 +1,11 @@
 """The training engine: what runs on every rank, for every task (LoRA, SAM, classifier).
 
 ``launcher.train(cfg)`` starts N Ray Train workers; each calls ``train_worker``, which builds
-the job's ``TrainTask`` and hands it to ``run``. ``run`` wraps the task's module with
-``deepspeed.initialize`` on the process group Ray made, restores the last complete
-checkpoint, builds the DataLoaders from the task's datasets, and runs the steps:
+the job's ``TrainTask`` and hands it to ``run``. ``run`` takes the task's datasets
+(``task_datasets``: no training examples, or a ``best_metric`` with no validation set to choose
+on, is refused here), wraps the task's module with ``deepspeed.initialize`` on the process
+group Ray made, restores the last complete checkpoint (weights, optimizer, schedule and the
+``JobState``), builds the DataLoaders, and runs the steps of the ``Job``:
 
 - data order: each rank's micro-batch indices are a pure function of (seed, step, micro,
   rank) (a seeded permutation per epoch), and every example is loaded with the global RNGs
@@ -11,11 +13,14 @@ checkpoint, builds the DataLoaders from the task's datasets, and runs the steps:
   included) an uninterrupted one would;
 - noise: ``forward(batch, generator)`` gets a generator seeded per (seed, step, micro,
   rank), and the global torch RNG (dropout) is seeded per micro-batch too;
-- metrics: the loss and the metrics ``forward`` returns are summed on the device and
-  averaged across ranks (one all_reduce) every ``log_every`` steps;
+- buffers: after every optimizer step rank 0's floating-point buffers (BatchNorm's running
+  statistics) are broadcast, as DDP does, so every rank evaluates the model rank 0 exports;
+- metrics (``metrics``): the loss and the metrics ``forward`` returns are summed on the
+  device and averaged across ranks (one all_reduce) every ``log_every`` steps;
 - evaluation: every rank evaluates its share of the validation set at the start, every
-  ``eval_every`` steps (default: at checkpoints) and at the end; sums and counts are
-  all-reduced; the best evaluation by ``best_metric`` keeps its weights;
+  ``eval_every`` steps (default: at checkpoints) and at the end; the shares' sums and counts
+  are combined (one collective) and the task's ``finalize_metrics`` finishes them; the best
+  evaluation by ``best_metric`` keeps its weights;
 - checkpoints every ``checkpoint_every`` steps; at the end rank 0 exports the best (or the
   last) weights through the task, logs config, lineage and summary, and registers the model.
 """
@@ -23,131 +28,78 @@ checkpoint, builds the DataLoaders from the task's datasets, and runs the steps:
 from __future__ import annotations
 
 import json
-import math
 import os
 import resource
 import tempfile
 import time
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from sonosynth.infra.config import ConfigError
 from sonosynth.infra.jobdir import offline_dir_for
 from sonosynth.infra.seeds import derive_seed
 from sonosynth.infra.storage import Storage, open_storage
 from sonosynth.infra.tracking import Tracker
-from sonosynth.trainers.batching import (  # noqa: F401 - example_indices, noise_seed: part of the engine's API
-    ShareBatches, SeededExamples, StepBatches, example_indices, make_loader, noise_seed, to_device,
-)
+from sonosynth.trainers.batching import ShareBatches, StepBatches, make_loader, noise_seed, to_device
+from sonosynth.trainers.checkpoint import CheckpointStore
+from sonosynth.trainers.metrics import Best, TrainMeter, evaluate, improves, split_output
 from sonosynth.trainers.task import TrainTask, WorkerContext
 
 TRACKING_RECORD = "tracking.json"
 SUMMARY = "summary.json"
 
 
-def split_output(out: Any) -> tuple[torch.Tensor, dict[str, Any]]:
-    """``forward``'s result as (loss, metrics)."""
-    if isinstance(out, torch.Tensor):
-        return out, {}
-    if isinstance(out, (tuple, list)) and len(out) == 2 and isinstance(out[1], Mapping):
-        return out[0], dict(out[1])
-    raise TypeError(f"forward(batch, generator) must return the loss or (loss, {{name: value}}), "
-                    f"not {type(out).__name__}")
+@dataclass
+class JobState:
+    """What a job carries from step to step and across a resume (every checkpoint saves it)."""
+
+    resumed_from_step: int = 0
+    eval_examples: int = 0
+    eval_start: dict[str, float] = field(default_factory=dict)
+    eval_last: dict[str, float] = field(default_factory=dict)
+    """The latest evaluation's metrics."""
+    best: Best | None = None
+    loss_first: float | None = None
+    loss_last: float | None = None
+
+    @classmethod
+    def from_checkpoint(cls, client_state: dict[str, Any]) -> "JobState":
+        saved = client_state.get("state") or {}
+        return cls(**{f.name: saved[f.name] for f in fields(cls) if f.name in saved})
+
+    def to_checkpoint(self) -> dict[str, Any]:
+        return {"state": asdict(self)}
 
 
-def _scalar(value: Any, device: torch.device) -> torch.Tensor:
-    """A number or one-element tensor as a float64 scalar on ``device`` (no host sync)."""
-    return torch.as_tensor(value).detach().to(device, torch.float64).reshape(())
+@dataclass
+class Job:
+    """One rank's job once it is set up: what its steps, evaluations and end need."""
 
+    cfg: Any
+    ctx: WorkerContext
+    task: TrainTask
+    engine: Any
+    """The DeepSpeed engine around the task's module."""
+    store: CheckpointStore
+    tracker: Tracker
+    state: JobState
+    examples: int
+    """Training examples."""
+    total: int
+    """Steps the job trains for."""
+    eval_loader: DataLoader | None = None
+    train_loader: DataLoader | None = None
+    bar: Any = None
+    """Rank 0's progress bar, or None."""
 
-class TrainMeter:
-    """Loss and metrics summed on the device between log steps; one all_reduce averages them."""
+    @property
+    def on_gpu(self) -> bool:
+        return self.ctx.device.type == "cuda"
 
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.names: list[str] | None = None
-        self.sums: torch.Tensor | None = None
-        self.count = 0
-
-    def add(self, loss: torch.Tensor, metrics: dict[str, Any]) -> None:
-        names = sorted(metrics)
-        if self.names is None:
-            self.names = names
-        elif names != self.names:
-            raise ValueError(f"forward returned metrics {names} after {self.names}; return the same names "
-                             f"on every micro-batch and rank")
-        row = torch.stack([_scalar(loss, self.device)] + [_scalar(metrics[k], self.device) for k in names])
-        self.sums = row if self.sums is None else self.sums + row
-        self.count += 1
-
-    def reduce(self, ctx: WorkerContext) -> dict[str, float]:
-        """Averages over micro-batches and ranks: {"train/loss": ..., "train/<name>": ...}; then reset."""
-        if self.sums is None:
-            return {}
-        totals = ctx.all_reduce(self.sums.clone()).tolist()
-        n = self.count * ctx.world
-        out = {"train/loss": totals[0] / n}
-        for name, total in zip(self.names or [], totals[1:]):
-            out[name if "/" in name else f"train/{name}"] = total / n
-        self.sums, self.count = None, 0
-        return out
-
-
-@torch.no_grad()
-def evaluate(task: TrainTask, module: torch.nn.Module, loader: DataLoader, ctx: WorkerContext,
-             non_blocking: bool = False) -> dict[str, float]:
-    """Every rank evaluates its share; sums and counts are all-reduced (one collective)."""
-    was_training = module.training
-    module.eval()
-    sums: dict[str, list] = {}
-    try:
-        for batch in loader:
-            for name, value in task.eval_step(module, to_device(batch, ctx.device, non_blocking)).items():
-                total, count = value if isinstance(value, (tuple, list)) else (value, None)
-                total = _scalar(total, ctx.device)
-                count = None if count is None else _scalar(count, ctx.device)
-                if name not in sums:
-                    sums[name] = [total, count]
-                else:
-                    sums[name][0] = sums[name][0] + total
-                    if count is not None:
-                        sums[name][1] = sums[name][1] + count
-    finally:
-        module.train(was_training)
-    # A rank whose share is empty still joins: the names come from every rank.
-    kinds = {}
-    for part in ctx.all_gather({name: count is not None for name, (_, count) in sums.items()}):
-        kinds.update(part)
-    names = sorted(kinds)
-    vec = torch.zeros(2 * len(names), dtype=torch.float64, device=ctx.device)
-    for i, name in enumerate(names):
-        if name in sums:
-            vec[2 * i] = sums[name][0]
-            if sums[name][1] is not None:
-                vec[2 * i + 1] = sums[name][1]
-    values = ctx.all_reduce(vec).tolist()
-    out = {}
-    for i, name in enumerate(names):
-        total, count = values[2 * i], values[2 * i + 1]
-        if not kinds[name]:
-            out[name] = total
-        elif count > 0:
-            out[name] = total / count
-    return out
-
-
-def improves(value: float, best: dict[str, Any] | None, mode: str) -> bool:
-    if value is None or math.isnan(value):
-        return False
-    if best is None:
-        return True
-    return value > best["value"] if mode == "max" else value < best["value"]
-
-
-# -- the worker ---------------------------------------------------------------------------------
 
 def _ray_context(storage: Storage) -> WorkerContext:
     import ray.train
@@ -179,25 +131,34 @@ def train_worker(config: dict[str, Any]) -> None:
     run(cfg, task_cls, _ray_context(open_storage(cfg.out, cfg.storage)))
 
 
+def task_datasets(cfg, task: TrainTask) -> tuple[Dataset, Dataset | None]:
+    """The task's training set and validation set (None when it has none or an empty one). Refused:
+    an empty training set, and an ``engine.best_metric`` with no validation set to choose on."""
+    train_set, eval_set = task.train_dataset(), task.eval_dataset()
+    if eval_set is not None and len(eval_set) == 0:
+        eval_set = None
+    if cfg.engine.best_metric and eval_set is None:
+        raise ConfigError(f"engine.best_metric={cfg.engine.best_metric} chooses the exported checkpoint on the "
+                          f"validation set, and the {cfg.task!r} task's is empty (its eval_dataset() has no "
+                          f"examples); give the task's data a validation split (e.g. ingest with splits.val > 0, "
+                          f"or point its validation at another dataset), or set engine.best_metric=null to "
+                          f"export the last step")
+    if len(train_set) == 0:
+        raise ValueError(f"the {cfg.task!r} task has no training examples")
+    return train_set, eval_set
+
+
 def run(cfg, task_cls: type[TrainTask], ctx: WorkerContext) -> None:
     """Train ``task_cls`` on this rank (the process group is up); rank 0 writes summary.json."""
     import deepspeed
 
-    from sonosynth.trainers.checkpoint import CheckpointStore
     from sonosynth.trainers.config import ds_config
     from sonosynth.trainers.optim import build_optimizer
 
     e = cfg.engine
     task = task_cls(cfg, ctx)
-    train_set, eval_set = task.train_dataset(), task.eval_dataset()
-    if e.best_metric and (eval_set is None or len(eval_set) == 0):
-        raise ConfigError(f"engine.best_metric={e.best_metric} needs a validation set and the {cfg.task!r} task "
-                          f"has none (its eval_dataset() is empty or None); set engine.best_metric=null to "
-                          f"export the last step, or give the task a validation split")
-    n = len(train_set)
-    if n == 0:
-        raise ValueError(f"the {cfg.task!r} task has no training examples")
-    total = e.total_steps(n)
+    train_set, eval_set = task_datasets(cfg, task)
+    total = e.total_steps(len(train_set))
     module = task.module()
     optimizer, scheduler = build_optimizer(task.param_groups(module), cfg.optim, total)
     on_gpu = ctx.device.type == "cuda"
@@ -206,51 +167,48 @@ def run(cfg, task_cls: type[TrainTask], ctx: WorkerContext) -> None:
                                            config=ds, dist_init_required=False)
     store = CheckpointStore(ctx.storage, keep=e.keep_checkpoints)
     latest = store.latest()
-    state = store.load(engine, latest, world=ctx.world).get("state", {}) if latest else {}
+    state = JobState.from_checkpoint(store.load(engine, latest, world=ctx.world)) if latest else JobState()
     start = latest["step"] if latest else 0
     if ctx.is_main and start:
         print(f"resuming from checkpoint step {start} of {total}", flush=True)
-    state["resumed_from_step"] = start
-    state["eval_examples"] = len(eval_set) if eval_set is not None else 0
-
-    eval_loader = None
-    if eval_set is not None and len(eval_set):
-        eval_loader = make_loader(eval_set, ShareBatches(len(eval_set), e.seed, rank=ctx.rank, world=ctx.world,
-                                                         batch=e.micro_batch),
-                                  task.collate, workers=e.loader_workers, prefetch=e.prefetch, pin=on_gpu,
-                                  persistent=True)
-    tracker = _open_tracker(cfg, ctx)
-    bar = None
+    state.resumed_from_step = start
+    state.eval_examples = len(eval_set) if eval_set is not None else 0
+    job = Job(cfg, ctx, task, engine, store, _open_tracker(cfg, ctx), state, len(train_set), total)
+    if eval_set is not None:
+        job.eval_loader = make_loader(eval_set, ShareBatches(len(eval_set), e.seed, rank=ctx.rank, world=ctx.world,
+                                                             batch=e.micro_batch),
+                                      task.collate, workers=e.loader_workers, prefetch=e.prefetch, pin=on_gpu,
+                                      persistent=True)
     try:
         if ctx.is_main and start == 0:
-            tracker.log_params(cfg.flat())
-            tracker.log_params({"data.num_examples": n, "data.num_eval_examples": state["eval_examples"],
-                                "engine.total_steps": total, "engine.global_batch": e.global_batch()})
-            tracker.log_text(cfg.to_yaml(), "config.yaml")
-            task.on_start(tracker)
-        if start == 0 and eval_loader is not None:
-            ctx.step = 0
-            state["eval_start"] = evaluate(task, engine.module, eval_loader, ctx, on_gpu)
-            _check_best_metric(cfg, state["eval_start"])
-            if ctx.is_main:
-                tracker.log_metrics(state["eval_start"], 0)
-        train_loader = make_loader(train_set, StepBatches(n, e.seed, start=start, total=total, rank=ctx.rank,
-                                                          world=ctx.world, micro_batch=e.micro_batch,
-                                                          grad_accum=e.grad_accum),
-                                   task.collate, workers=e.loader_workers, prefetch=e.prefetch, pin=on_gpu)
-        bar = _progress(ctx, e.progress, total, start, type(task).__name__)
-        perf = run_steps(cfg, ctx, task, engine, store, tracker, state, start, total, train_loader, eval_loader,
-                         bar)
+            _log_start(job)
+        if start == 0 and job.eval_loader is not None:
+            state.eval_start = evaluate_at(job, 0)
+        job.train_loader = make_loader(train_set, StepBatches(len(train_set), e.seed, start=start, total=total,
+                                                              rank=ctx.rank, world=ctx.world,
+                                                              micro_batch=e.micro_batch, grad_accum=e.grad_accum),
+                                       task.collate, workers=e.loader_workers, prefetch=e.prefetch, pin=on_gpu)
+        job.bar = _progress(ctx, e.progress, total, start, type(task).__name__)
+        perf = run_steps(job, start)
     except BaseException:
         if ctx.is_main:
-            tracker.close("FAILED")
+            job.tracker.close("FAILED")
         raise
     finally:
-        if bar is not None:
-            bar.close()
+        if job.bar is not None:
+            job.bar.close()
     if ctx.is_main:
-        _finish(cfg, ctx, task, engine, store, tracker, state, total, n, perf)
+        _finish(job, perf)
     ctx.barrier()
+
+
+def _log_start(job: Job) -> None:
+    cfg, e = job.cfg, job.cfg.engine
+    job.tracker.log_params(cfg.flat())
+    job.tracker.log_params({"data.num_examples": job.examples, "data.num_eval_examples": job.state.eval_examples,
+                            "engine.total_steps": job.total, "engine.global_batch": e.global_batch()})
+    job.tracker.log_text(cfg.to_yaml(), "config.yaml")
+    job.task.on_start(job.tracker)
 
 
 def _check_best_metric(cfg, metrics: dict[str, float]) -> None:
@@ -280,31 +238,45 @@ def _peak_memory(device: torch.device) -> tuple[float, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process_peak_rss"
 
 
-def run_steps(cfg, ctx: WorkerContext, task: TrainTask, engine, store, tracker: Tracker, state: dict[str, Any],
-              start: int, total: int, train_loader: DataLoader, eval_loader: DataLoader | None,
-              bar) -> dict[str, Any]:
-    """Steps ``start`` to ``total``; returns this session's throughput after its first log window."""
-    e = cfg.engine
-    on_gpu = ctx.device.type == "cuda"
+@torch.no_grad()
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Rank 0's floating-point buffers (BatchNorm's running statistics) copied to every rank."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return
+    buffers = [b for b in module.buffers() if b.is_floating_point()]
+    if not buffers:
+        return
+    flat = torch.cat([b.reshape(-1).float() for b in buffers])
+    torch.distributed.broadcast(flat, 0)
+    offset = 0
+    for b in buffers:
+        b.copy_(flat[offset:offset + b.numel()].view_as(b))
+        offset += b.numel()
+
+
+def run_steps(job: Job, start: int) -> dict[str, Any]:
+    """Steps ``start`` to ``job.total``; returns this session's throughput after its first log window."""
+    ctx, engine, state, e = job.ctx, job.engine, job.state, job.cfg.engine
     meter = TrainMeter(ctx.device)
-    batches = iter(train_loader)
+    batches = iter(job.train_loader)
     t_last, step_last = time.perf_counter(), start
     t_warm, step_warm = t_last, start
-    for step in range(start, total):
+    for step in range(start, job.total):
         ctx.step = step
         engine.train()
         for micro in range(e.grad_accum):
-            batch = to_device(next(batches), ctx.device, on_gpu)
+            batch = to_device(next(batches), ctx.device, job.on_gpu)
             torch.manual_seed(derive_seed(e.seed, "global", step, micro, ctx.rank))  # dropout & co.
             generator = torch.Generator().manual_seed(noise_seed(e.seed, step, micro, ctx.rank))
             loss, metrics = split_output(engine(batch, generator))
             engine.backward(loss)
             engine.step()
             meter.add(loss, metrics)
+        broadcast_buffers(engine.module)
         done = step + 1
-        if bar is not None:
-            bar.update(1)
-        if done % e.log_every == 0 or done == total:
+        if job.bar is not None:
+            job.bar.update(1)
+        if done % e.log_every == 0 or done == job.total:
             logged = meter.reduce(ctx)
             now = time.perf_counter()
             rate = (done - step_last) / max(now - t_last, 1e-9)
@@ -314,62 +286,73 @@ def run_steps(cfg, ctx: WorkerContext, task: TrainTask, engine, store, tracker: 
             if grad_norm is not None:
                 logged["train/grad_norm"] = float(grad_norm)
             if ctx.is_main:
-                tracker.log_metrics(logged, done)
-                state.setdefault("loss_first", logged["train/loss"])
-                state["loss_last"] = logged["train/loss"]
-            if step_warm == start and done < total:
+                job.tracker.log_metrics(logged, done)
+                if state.loss_first is None:
+                    state.loss_first = logged["train/loss"]
+                state.loss_last = logged["train/loss"]
+            if step_warm == start and done < job.total:
                 t_warm, step_warm = now, done  # throughput is measured after the first window
             t_last, step_last = now, done
-        if eval_loader is not None and e.evaluates_at(done, total):
-            ctx.step = done
-            state["eval_last"] = evaluate(task, engine.module, eval_loader, ctx, on_gpu)
-            _check_best_metric(cfg, state["eval_last"])
-            if ctx.is_main:
-                tracker.log_metrics(state["eval_last"], done)
-            _keep_best(cfg, ctx, engine, store, state, done)
-        if done % e.checkpoint_every == 0 or done == total:
-            store.save(engine, done, {"state": state}, rank=ctx.rank, world=ctx.world)
-            if ctx.is_main and e.best_metric:
-                current = {state["best"]["step"]} if state.get("best") else set()
-                store.prune_best(store.best_steps_in_use() | current)
-    if total <= start:
+        if job.eval_loader is not None and e.evaluates_at(done, job.total):
+            state.eval_last = evaluate_at(job, done)
+            _keep_best(job, done)
+        if done % e.checkpoint_every == 0 or done == job.total:
+            _save_checkpoint(job, done)
+    if job.total <= start:
         return {}
     seconds = time.perf_counter() - t_warm
-    steps = total - step_warm
+    steps = job.total - step_warm
     peak, kind = _peak_memory(ctx.device)
     rate = steps / max(seconds, 1e-9)
     return {"steps_per_s": rate, "samples_per_s": rate * e.global_batch(), "measured_steps": steps,
             "peak_memory_mb": peak, "memory_kind": kind}
 
 
-def _keep_best(cfg, ctx: WorkerContext, engine, store, state: dict[str, Any], done: int) -> None:
+def evaluate_at(job: Job, done: int) -> dict[str, float]:
+    """The evaluation after ``done`` steps (every rank its share); rank 0 logs it."""
+    job.ctx.step = done
+    metrics = evaluate(job.task, job.engine.module, job.eval_loader, job.ctx, job.on_gpu)
+    _check_best_metric(job.cfg, metrics)
+    if job.ctx.is_main:
+        job.tracker.log_metrics(metrics, done)
+    return metrics
+
+
+def _keep_best(job: Job, done: int) -> None:
     """After an evaluation: when ``best_metric`` improved, remember it and keep the weights."""
-    e = cfg.engine
+    e, state = job.cfg.engine, job.state
     if not e.best_metric:
         return
-    value = state["eval_last"][e.best_metric]
-    if improves(value, state.get("best"), e.best_mode):
-        state["best"] = {"metric": e.best_metric, "mode": e.best_mode, "value": value, "step": done,
-                         "metrics": dict(state["eval_last"])}
-        if ctx.is_main:
-            store.save_best(engine.module, done)
+    value = state.eval_last[e.best_metric]
+    if improves(value, state.best, e.best_mode):
+        state.best = Best(metric=e.best_metric, mode=e.best_mode, value=value, step=done,
+                          metrics=dict(state.eval_last))
+        if job.ctx.is_main:
+            job.store.save_best(job.engine.module, done)
 
 
-def _finish(cfg, ctx: WorkerContext, task: TrainTask, engine, store, tracker: Tracker,
-            state: dict[str, Any], total: int, n: int, perf: dict[str, Any]) -> None:
+def _save_checkpoint(job: Job, done: int) -> None:
+    job.store.save(job.engine, done, job.state.to_checkpoint(), rank=job.ctx.rank, world=job.ctx.world)
+    if job.ctx.is_main and job.cfg.engine.best_metric:
+        current = {job.state.best["step"]} if job.state.best else set()
+        job.store.prune_best(job.store.best_steps_in_use() | current)
+
+
+def _finish(job: Job, perf: dict[str, Any]) -> None:
     from sonosynth.trainers.config import job_fingerprint
 
-    best = state.get("best")
+    cfg, ctx, tracker, state = job.cfg, job.ctx, job.tracker, job.state
+    best = state.best
     if best:
-        store.load_best(engine.module, best["step"])
-        store.prune_best({best["step"]})
+        job.store.load_best(job.engine.module, best["step"])
+        job.store.prune_best({best["step"]})
     with tempfile.TemporaryDirectory(prefix="sonosynth-export-") as tmp:
         folder = Path(tmp) / "model"
         folder.mkdir()
-        lineage = dict(task.export(engine.module, folder, tracker) or {})
+        lineage = dict(job.task.export(job.engine.module, folder, tracker) or {})
         lineage["training"] = {
-            "stage": cfg.stage_name(), "task": cfg.task, "job": job_fingerprint(cfg), "steps": total,
-            "exported_step": best["step"] if best else total,
+            "stage": cfg.stage_name(), "task": cfg.task, "job": job_fingerprint(cfg), "steps": job.total,
+            "exported_step": best["step"] if best else job.total,
             "selected_by": {k: best[k] for k in ("metric", "mode", "value")} if best else "last step",
         }
         lineage_text = json.dumps(lineage, indent=1, default=str)
@@ -393,12 +376,11 @@ def _finish(cfg, ctx: WorkerContext, task: TrainTask, engine, store, tracker: Tr
     if best:
         tracker.log_metrics({f"best/{best['metric']}": best["value"]}, best["step"])
     summary = {
-        "job": job_fingerprint(cfg), "task": cfg.task, "steps": total, "examples": n,
-        "eval_examples": state.get("eval_examples", 0), "workers": ctx.world,
-        "resumed_from_step": state.get("resumed_from_step", 0),
-        "loss_first": state.get("loss_first"), "loss_last": state.get("loss_last"),
-        "eval_start": state.get("eval_start", {}), "eval_end": state.get("eval_last", {}),
-        "best": {k: best[k] for k in ("metric", "mode", "value", "step", "metrics")} if best else None,
+        "job": job_fingerprint(cfg), "task": cfg.task, "steps": job.total, "examples": job.examples,
+        "eval_examples": state.eval_examples, "workers": ctx.world, "resumed_from_step": state.resumed_from_step,
+        "loss_first": state.loss_first, "loss_last": state.loss_last,
+        "eval_start": state.eval_start, "eval_end": state.eval_last,
+        "best": dict(best) if best else None,
         "perf": perf or None,
         "model": ctx.storage.url("model"), "lineage": lineage,
         "mlflow": {"uri": tracker.uri if tracker.enabled else None, "run_id": tracker.run_id,

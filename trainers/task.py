@@ -1,7 +1,8 @@
 """The task contract: what a recipe family (LoRA, SAM, classifier) gives the training engine.
 
 ``TrainTask`` is built on every rank as ``TrainTask(cfg, ctx)``; ``WorkerContext`` is the
-rank's view of the job (rank, world, device, output storage, the current step).
+rank's view of the job (rank, world, device, output storage, the current step);
+``encode_once`` is how a task caches what a frozen encoder makes of its examples.
 docs/architecture.md has the contract on one page with a toy task as the example.
 """
 
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch.utils.data import Dataset, default_collate
@@ -57,7 +58,8 @@ class TrainTask:
     The engine calls, in order: ``train_dataset()``, ``eval_dataset()``, ``module()``,
     ``param_groups(module)``, then (rank 0, fresh job) ``on_start(tracker)``, then per
     micro-batch ``module.forward(batch, generator)`` where ``batch = collate(items)`` moved to
-    the device, per evaluation batch ``eval_step(module, batch)``, and (rank 0) at the end
+    the device, per evaluation batch ``eval_step(module, batch)`` and, once the figures of every
+    rank are combined, ``finalize_metrics(reduced)``, and (rank 0) at the end
     ``export(module, folder, tracker)``. ``docs/architecture.md`` walks through a toy task.
     """
 
@@ -70,7 +72,8 @@ class TrainTask:
         raise NotImplementedError
 
     def eval_dataset(self) -> Dataset | None:
-        """The validation split (never test: the best checkpoint is chosen on it); None: no evaluation."""
+        """The validation split (never test: the best checkpoint is chosen on it); None or empty: no
+        evaluation (the engine refuses that while ``engine.best_metric`` needs one)."""
         return None
 
     def collate(self, items: list[Any]) -> Any:
@@ -93,6 +96,13 @@ class TrainTask:
         summed. Name them by split, e.g. ``val/dice``."""
         raise NotImplementedError(f"{type(self).__name__} has an eval_dataset but no eval_step")
 
+    def finalize_metrics(self, reduced: dict[str, float]) -> dict[str, float]:
+        """The evaluation's metrics from ``reduced``, ``eval_step``'s figures over the whole split
+        (the same on every rank): compute here what needs every rank's counts first, e.g. a macro
+        F1 from summed per-class counts. What it returns is logged and is what
+        ``engine.best_metric`` chooses from. Default: ``reduced`` as it is."""
+        return reduced
+
     def on_start(self, tracker: Tracker) -> None:
         """Log what the model will see (rank 0, once per job)."""
 
@@ -102,4 +112,28 @@ class TrainTask:
         raise NotImplementedError
 
 
-# -- data order ---------------------------------------------------------------------------------
+@torch.no_grad()
+def encode_once(ctx: WorkerContext, n: int, load: Callable[[int], torch.Tensor],
+                encode: Callable[[torch.Tensor], Any], chunk: int = 8) -> Any:
+    """What a frozen encoder makes of examples ``0..n-1``, each encoded once in the whole job: this
+    rank encodes every world-th example (``encode`` of up to ``chunk`` stacked ``load(i)``, on the
+    rank's device), then the shares are gathered, so every rank gets all ``n`` on the CPU (float32,
+    in example order). ``encode`` returns a tensor or a tuple of tensors with one row per example;
+    the result has the same form, each stacked over the ``n`` examples."""
+    if n < 1:
+        raise ValueError("encode_once needs at least one example")
+    mine = list(range(ctx.rank, n, ctx.world))
+    encoded: dict[int, Any] = {}
+    for start in range(0, len(mine), chunk):
+        part = mine[start:start + chunk]
+        out = encode(torch.stack([load(i) for i in part]).to(ctx.device))
+        for row, i in enumerate(part):
+            encoded[i] = (tuple(t[row].float().cpu() for t in out) if isinstance(out, tuple)
+                          else out[row].float().cpu())
+    gathered: dict[int, Any] = {}
+    for share in ctx.all_gather(encoded):
+        gathered.update(share)
+    rows = [gathered[i] for i in range(n)]
+    if isinstance(rows[0], tuple):
+        return tuple(torch.stack(column) for column in zip(*rows))
+    return torch.stack(rows)

@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import json
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, NoReturn, Optional
+from typing import Annotated, Iterator, Optional
 
 import typer
+
+from sonosynth.launch.cli.exits import CONTROL_FLOW, exit_status, failure, usage_error
+from sonosynth.launch.stages import STAGES
 
 DEFAULT_STACK = "runs/stack"
 
@@ -24,20 +28,11 @@ TokenFile = Annotated[Optional[str], typer.Option(
          "~/.ray/auth_token when $RAY_AUTH_MODE=token).")]
 
 
-def _usage_error(err: object) -> NoReturn:
-    typer.echo(f"error: {err}", err=True)
-    raise typer.Exit(2)
-
-
-def _failure(err: object) -> NoReturn:
-    typer.echo(f"error: {err}", err=True)
-    raise typer.Exit(1)
-
-
-def _errors():
+def _submit_errors():
+    """(usage, failed) of the job server: a bad request exits 2, an unreachable cluster 1."""
     from sonosynth.launch.cluster.submit import SubmitError, SubmitUsageError
 
-    return SubmitUsageError, SubmitError
+    return (SubmitUsageError,), (SubmitError,)
 
 
 # -- stack ----------------------------------------------------------------------------------
@@ -76,11 +71,9 @@ def stack_up(
     """
     from sonosynth.infra.local import stack
 
-    try:
+    with exit_status(failed=(stack.StackError,)):
         state = stack.up(dir, ray_cpus=ray_cpus, worker_nodes=worker_nodes, worker_cpus=worker_cpus,
                          timeout_s=timeout)
-    except stack.StackError as err:
-        _failure(err)
     _print_status(stack.status(dir))
     env = Path(state["folder"]) / stack.ENV_FILE
     typer.echo(f"\nenvironment: source {env}")
@@ -102,10 +95,8 @@ def stack_down(dir: StackDir = DEFAULT_STACK) -> None:
     """
     from sonosynth.infra.local import stack
 
-    try:
+    with exit_status(failed=(stack.StackError,)):
         lines = stack.down(dir)
-    except stack.StackError as err:
-        _failure(err)
     typer.echo("\n".join(lines) if lines else f"no stack in {dir}")
 
 
@@ -122,7 +113,7 @@ def stack_status(dir: StackDir = DEFAULT_STACK) -> None:
 
     rows = stack.status(dir)
     if not rows:
-        _failure(f"no stack in {dir}; start one with `sonosynth stack up --dir {dir}`")
+        failure(f"no stack in {dir}; start one with `sonosynth stack up --dir {dir}`")
     _print_status(rows)
     if not all(r["healthy"] for r in rows):
         raise typer.Exit(1)
@@ -166,17 +157,12 @@ def submit(
         sonosynth submit --address http://head:8265 --wait -- \\
             train-lora lora_joint_head_cluster
     """
-    from sonosynth.infra.config import ConfigError
     from sonosynth.launch.cluster import submit as sub
 
-    usage, failure = _errors()
-    try:
+    usage, failed = _submit_errors()
+    with exit_status(usage, failed):
         s = sub.submit(list(args), address, package=package, env_names=env or [], token_file=token_file,
                        submission_id=submission_id)
-    except (usage, ConfigError) as err:
-        _usage_error(err)
-    except failure as err:
-        _failure(err)
     for w in s.warnings:
         typer.echo(f"warning: {w}", err=True)
     typer.echo(f"submitted job {s.submission_id} to {s.address}", err=True)
@@ -187,10 +173,8 @@ def submit(
         typer.echo(s.submission_id)
         typer.echo(f"follow it with: sonosynth jobs logs {s.submission_id} --follow", err=True)
         return
-    try:
+    with exit_status(usage, failed):
         code = sub.follow(sub.client(address, token_file), s.submission_id)
-    except failure as err:
-        _failure(err)
     typer.echo(f"job {s.submission_id} ended with exit status {code}", err=True)
     raise typer.Exit(code)
 
@@ -220,13 +204,8 @@ def jobs_list(
     """
     from sonosynth.launch.cluster import submit as sub
 
-    usage, failure = _errors()
-    try:
+    with exit_status(*_submit_errors()):
         rows = sub.list_jobs(address, token_file)
-    except usage as err:
-        _usage_error(err)
-    except failure as err:
-        _failure(err)
     if as_json:
         typer.echo(json.dumps(rows, indent=1))
         return
@@ -253,20 +232,13 @@ def jobs_logs(
     """
     from sonosynth.launch.cluster import submit as sub
 
-    usage, failure = _errors()
     code = 0
-    try:
+    with _job_request(job_id):
         jobs = sub.client(address, token_file)
         if follow:
             code = sub.follow(jobs, job_id, stop_on_interrupt=False)
         else:
             sys.stdout.write(jobs.get_job_logs(job_id))
-    except usage as err:
-        _usage_error(err)
-    except failure as err:
-        _failure(err)
-    except RuntimeError as err:  # the job server's answer, e.g. no such job
-        _usage_error(f"job {job_id}: {err}")
     raise typer.Exit(code)
 
 
@@ -285,18 +257,24 @@ def jobs_stop(
     """
     from sonosynth.launch.cluster import submit as sub
 
-    usage, failure = _errors()
-    try:
+    with _job_request(job_id):
         jobs = sub.client(address, token_file)
         jobs.stop_job(job_id)
         info = sub.wait_terminal(jobs, job_id, timeout_s=60)
-    except usage as err:
-        _usage_error(err)
-    except failure as err:
-        _failure(err)
-    except RuntimeError as err:
-        _usage_error(f"job {job_id}: {err}")
     typer.echo(f"job {job_id}: {getattr(info.status, 'value', info.status)}")
+
+
+@contextmanager
+def _job_request(job_id: str) -> Iterator[None]:
+    """A request about one job: the job server's own refusal (e.g. no such job) is a usage error."""
+    usage, failed = _submit_errors()
+    with exit_status(usage, failed):
+        try:
+            yield
+        except RuntimeError as err:
+            if isinstance(err, (*failed, *CONTROL_FLOW)):
+                raise
+            usage_error(f"job {job_id}: {err}")
 
 
 # -- k8s ------------------------------------------------------------------------------------
@@ -315,7 +293,7 @@ k8s_app = typer.Typer(
 def k8s_render(
     recipe: Annotated[str, typer.Argument(
         metavar="RECIPE", help="Recipe: a name in configs/ (shipped in the image) or a YAML path.")],
-    stage: Annotated[str, typer.Argument(metavar="STAGE", help="The stage (CLI verb) to run.")],
+    stage: Annotated[str, typer.Argument(metavar="STAGE", help=f"The stage to run: {', '.join(STAGES)}.")],
     set_: Annotated[Optional[list[str]], typer.Option(
         "--set", metavar="KEY=VALUE", help="Override a config field (repeatable); checked here, passed "
                                            "to the job.")] = None,
@@ -347,16 +325,13 @@ def k8s_render(
         sonosynth k8s render generate_cluster generate \\
             --set num_samples=2000 | kubectl create -f -
     """
-    from sonosynth.infra.config import ConfigError
     from sonosynth.launch.cluster.k8s_render import dump, render
 
     if cronjob and not schedule:
-        _usage_error("--cronjob needs --schedule")
-    try:
+        usage_error("--cronjob needs --schedule")
+    with exit_status():
         docs, warnings = render(recipe, stage, set_ or [], name=name, namespace=namespace, cluster=cluster,
                                 schedule=schedule, time_zone=time_zone, cronjob=cronjob)
-    except (ConfigError, ValueError, FileNotFoundError) as err:
-        _usage_error(err)
     for w in warnings:
         typer.echo(f"warning: {w}", err=True)
     text = dump(docs)

@@ -122,10 +122,8 @@ def check_config(stage: str, recipe: str, overrides: list[str]) -> list[str]:
     from sonosynth.launch.stages import STAGES
     from sonosynth.launch.cluster.submit import job_verbs
 
-    if stage == "pipeline":
-        from sonosynth.launch.pipeline import resolve_pipeline
-
-        cfg = resolve_pipeline(recipe, {}, overrides)  # a bad key raises ConfigError
+    if stage in STAGES and STAGES[stage].resolver is not None:  # a recipe resolved its own way (the pipeline)
+        cfg = STAGES[stage].resolve(recipe, {}, overrides)  # a bad key raises ConfigError
         return placement_warnings(cfg.out, cfg.tracking.model_dump())
     path = find_recipe(recipe)
     data = load_recipe(path)

@@ -46,19 +46,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from sonosynth.infra.stage import UsageError
+
 DEFAULT_ENV = ("MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION")
 """Copied into every job when set here (configuration, not secrets)."""
 RECIPE_ENV = "SONOSYNTH_RECIPE_YAML"
 """A local recipe's resolved YAML, written back to a file by the job's entrypoint."""
 PACKAGE_ENV = "SONOSYNTH_PACKAGE"
 """How the job got sonosynth (wheel and hash, or image), for the job's first log line."""
-LOCAL_VERBS = {"stack", "submit", "jobs", "k8s"}
+LOCAL_VERBS = ("stack", "submit", "jobs", "k8s")
 """Verbs that act on this machine or a cluster from outside; they are never jobs."""
+OTHER_JOB_VERBS = ("champion", "config", "demo", "inspect", "tracking-replay")
+"""The CLI's hand-written verbs a job may run; every stage of the registry is a job verb too."""
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 PACKAGES = ("wheel", "image")
 
 
-class SubmitUsageError(ValueError):
+class SubmitUsageError(UsageError):
     """A bad request: unknown verb, no address, missing token; the message names the fix (exit 2)."""
 
 
@@ -69,13 +73,11 @@ class SubmitError(RuntimeError):
 # -- what runs ------------------------------------------------------------------------------
 
 def job_verbs() -> list[str]:
-    """Every verb a job may run: the CLI's commands and the stage registry's stages."""
-    from sonosynth.launch.cli.app import app
+    """Every verb a job may run: the stage registry's stages and the other verbs that are not
+    local (``tests/unit/launch/test_stage_registry.py`` checks this against the CLI)."""
     from sonosynth.launch.stages import STAGES
 
-    names = {c.name or c.callback.__name__.replace("_", "-") for c in app.registered_commands}
-    names |= {g.name for g in app.registered_groups if g.name}
-    return sorted((names | set(STAGES)) - LOCAL_VERBS)
+    return sorted({*STAGES, *OTHER_JOB_VERBS})
 
 
 def check_verb(argv: list[str]) -> None:
@@ -402,7 +404,9 @@ def main(argv: list[str] | None = None) -> None:
         path.write_text(os.environ[RECIPE_ENV])
         argv[1] = str(path)
     from sonosynth.launch.cli.app import main as cli_main
+    from sonosynth.launch.cli.exits import DEBUG_ENV
 
+    os.environ.setdefault(DEBUG_ENV, "1")  # a bug's traceback belongs in the job's log, not in the pod's /tmp
     sys.argv = ["sonosynth", *argv]
     cli_main()
 

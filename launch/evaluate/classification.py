@@ -13,8 +13,8 @@ African set has no "other") keeps its column. The stage writes ``per_image.parqu
 the confusion matrix, and ``auc_paper_hard_label`` with ``paper_compatible``) and
 ``confusion.png``, and logs them to MLflow (experiment sonosynth-evaluate).
 
-``run_classification(cfg)`` takes a ``ClassificationEvalConfig`` or any config with the same
-field names (``launch/evaluate/segmentation.py`` dispatches to it).
+``run_classification(cfg)`` takes the evaluate stage's ``EvaluateConfig`` (the stage,
+``launch/evaluate/segmentation.py``, dispatches to it for a classifier or a predictions CSV).
 """
 
 from __future__ import annotations
@@ -25,63 +25,19 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
-from pydantic import model_validator
 
-from sonosynth.infra.config import Config, ConfigError
+from sonosynth.infra.config import ConfigError
 from sonosynth.infra.jobdir import claim_output, offline_dir_for
 from sonosynth.infra.stage import Report
 from sonosynth.infra.storage import StorageConfig, open_storage
 from sonosynth.infra.tracking import Tracker, TrackingConfig
-from sonosynth.launch.evaluate.segmentation import json_safe
+from sonosynth.infra.serialize import json_safe
 
 EXPERIMENT = "sonosynth-evaluate"
 CLASSIFIER_FILE = "classifier.json"
 PROBS_PREFIX = "prob_"
 PredictProba = Callable[[Sequence[np.ndarray]], np.ndarray]
 """uint8 images -> softmax probabilities [N, K] in the label map's order."""
-
-
-class ClassificationEvalConfig(Config):
-    """Score a plane classifier (or its predicted probabilities) on a dataset split."""
-
-    dataset: str
-    """Dataset folder or s3:// prefix with plane labels (from ingest, e.g. the African cohort)."""
-    split: str | None = "test"
-    """Score the samples of this split (null: every sample)."""
-    model: str | None = None
-    """The classifier: a train-classifier model/ folder (local or s3://) or an MLflow URI
-    (models:/sonosynth-classifier/3, models:/sonosynth-classifier@champion, runs:/<run id>/model)."""
-    predictions_csv: str | None = None
-    """Instead of model: a CSV (local or s3://) with a column key and one probability column per class
-    (named by the class, or prob_<class>), rows summing to 1."""
-    labels: list[str] | None = None
-    """Class order of predictions_csv (null: its probability columns, in order); with model it must
-    match the model's label map."""
-    paper_compatible: bool = False
-    """Also report auc_paper_hard_label, FU-LoRA's AUC (hard labels, 'other' counted for every class),
-    only to compare with the paper's figures; docs/classification.md says why it is not an AUC."""
-    batch_size: int = 32
-    """Images per forward pass of the model."""
-    device: str | None = None
-    """Torch device of the model (null: cuda when available, else cpu)."""
-    out: str = "runs/evaluate-classifier"
-    """Where per_image.parquet/.csv, summary.json and confusion.png go: a folder or s3:// prefix."""
-    overwrite: bool = False
-    """Allow writing into an output folder that holds another evaluation."""
-    tracking: TrackingConfig = TrackingConfig()
-    """MLflow tracking of the evaluation (and the registry models:/ URIs are read from)."""
-    storage: StorageConfig = StorageConfig()
-    """Retries and endpoint of the storage (dataset, predictions, model and output)."""
-    progress: bool = True
-    """Show a progress bar."""
-
-    @model_validator(mode="after")
-    def _check(self) -> "ClassificationEvalConfig":
-        check_fields(self)
-        return self
-
-    def job_identity(self) -> dict[str, Any]:
-        return identity(self)
 
 
 def _get(cfg: Any, name: str, default: Any = None) -> Any:
@@ -273,7 +229,7 @@ def run_classification(cfg: Any, predict_proba: PredictProba | None = None,
     summary = json_safe({
         **result.figures, "n": result.n, "classes": classes, "present": result.present,
         "per_class": result.per_class,
-        "per_centre": {g: {"n": r.n, **r.figures} for g, r in result.per_group.items()},
+        "by_cohort": {g: {"n": r.n, **r.figures} for g, r in result.per_group.items()},
         "confusion": result.confusion.tolist(),
         "dataset": cfg.dataset, "split": split, "model": _get(cfg, "model"),
         "predictions_csv": _get(cfg, "predictions_csv"), "paper_compatible": bool(_get(cfg, "paper_compatible")),
@@ -343,7 +299,7 @@ def _report(cfg: Any, out: str, summary: dict[str, Any], names: list[str], track
         lines.append(f"  paper-compatible hard-label 'AUC' {_fmt(summary['auc_paper_hard_label'])} "
                      "(for comparison with FU-LoRA only; not an AUC)")
     lines += [f"  {g}: {f['n']} images, accuracy {_fmt(f['accuracy'])}, macro F1 {_fmt(f['f1_macro'])}"
-              for g, f in summary["per_centre"].items()]
+              for g, f in summary["by_cohort"].items()]
     skipped = summary["skipped_unknown_label"]
     if skipped:
         lines.append(f"  note: {sum(skipped.values())} samples of planes the classifier does not know were left out "
@@ -358,9 +314,4 @@ def _report(cfg: Any, out: str, summary: dict[str, Any], names: list[str], track
                   figures={k: v for k, v in summary.items() if k != "missing_prediction_keys"}, outputs=outputs)
 
 
-def run(cfg: ClassificationEvalConfig) -> Report:
-    """Stage entry point (the same as ``run_classification``)."""
-    return run_classification(cfg)
-
-
-__all__ = ["ClassificationEvalConfig", "is_classification", "read_predictions_csv", "run", "run_classification"]
+__all__ = ["is_classification", "read_predictions_csv", "run_classification"]

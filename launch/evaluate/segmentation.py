@@ -17,7 +17,6 @@ from __future__ import annotations
 import heapq
 import json
 import logging
-import math
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -29,6 +28,7 @@ from sonosynth.datasets.records import Sample, decode_png
 from sonosynth.infra.config import Config, ConfigError
 from sonosynth.infra.jobdir import claim_output, offline_dir_for
 from sonosynth.infra.seeds import derive_seed
+from sonosynth.infra.serialize import json_safe
 from sonosynth.infra.stage import Report
 from sonosynth.infra.storage import StorageConfig, open_storage
 from sonosynth.infra.tracking import Tracker, TrackingConfig
@@ -127,7 +127,7 @@ def model_predictor(cfg: EvaluateConfig) -> PredictFn:
     image is predicted with all its box draws at the size the model was trained at."""
     import torch
 
-    from sonosynth.trainers.registry import is_mlflow_uri
+    from sonosynth.infra.model_registry import is_mlflow_uri
     from sonosynth.trainers.sam.models import load_sam_model, predict_masks
 
     tracking_uri = cfg.tracking.resolved_uri() if is_mlflow_uri(cfg.model) else None
@@ -166,20 +166,6 @@ class FolderPredictions:
             self.resized += 1
             pred = resize_mask(pred, sample.image.shape[:2]).numpy().astype(bool)
         return pred
-
-
-def json_safe(value: Any) -> Any:
-    """JSON-safe: NaN and infinities become None (summary.json never holds NaN), numpy scalars
-    become Python numbers."""
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    if isinstance(value, (float, np.floating)):
-        return float(value) if math.isfinite(value) else None
-    if isinstance(value, np.integer):
-        return int(value)
-    return value
 
 
 def _tables(rows: list[dict[str, Any]], folder: Path) -> list[Path]:

@@ -11,8 +11,6 @@ runs the cells logged, so it shows what the tracking server holds.
 from __future__ import annotations
 
 import copy
-import csv
-import io
 import itertools
 import json
 import logging
@@ -21,10 +19,12 @@ from typing import Any
 
 from pydantic import model_validator
 
-from sonosynth.infra.config import Config, ConfigError, build, set_dotted
+from sonosynth.infra.config import Config, ConfigError, set_dotted
 from sonosynth.infra.stage import Report, StageFailed
 from sonosynth.infra.storage import StorageConfig, open_storage
 from sonosynth.infra.tracking import TrackingConfig
+from sonosynth.launch.pipeline.child import child_config
+from sonosynth.launch.pipeline.tables import to_csv, to_markdown
 
 log = logging.getLogger(__name__)
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
@@ -111,24 +111,24 @@ def cell_config(sweep: SweepConfig, cell: dict[str, str], config_class: type[Con
     for axis, label in cell.items():
         for key, value in sweep.grid[axis][label].items():
             set_dotted(data, key, copy.deepcopy(value))
-    data["out"] = f"{sweep.out.rstrip('/')}/{cell_name(cell)}"
-    tracking = data.setdefault("tracking", {})
-    if sweep.tracking.uri:
-        tracking["uri"] = sweep.tracking.uri
-    tracking.setdefault("run_name", cell_name(cell))
-    return build(config_class, data, f"sweep {sweep.recipe} cell {cell_name(cell)}")
+    own = data.get("tracking") or {}
+    return child_config(config_class, data, out=f"{sweep.out.rstrip('/')}/{cell_name(cell)}",
+                        tracking=_tracking(sweep, own.get("run_name") or cell_name(cell)),
+                        source=f"sweep {sweep.recipe} cell {cell_name(cell)}")
 
 
 def _eval_config(sweep: SweepConfig, model: str, cell: dict[str, str], config_class: type[Config]) -> Config:
     ev = sweep.evaluate
-    data: dict[str, Any] = {"dataset": ev.dataset, "split": ev.split, "model": model,
-                            "out": f"{sweep.out.rstrip('/')}/{cell_name(cell)}/eval",
-                            "tracking": {"run_name": f"{cell_name(cell)}-eval"}}
-    if sweep.tracking.uri:
-        data["tracking"]["uri"] = sweep.tracking.uri
+    data: dict[str, Any] = {"dataset": ev.dataset, "split": ev.split, "model": model}
     for key, value in ev.set.items():
         set_dotted(data, key, copy.deepcopy(value))
-    return build(config_class, data, f"sweep evaluate, cell {cell_name(cell)}")
+    return child_config(config_class, data, out=f"{sweep.out.rstrip('/')}/{cell_name(cell)}/eval",
+                        tracking=_tracking(sweep, f"{cell_name(cell)}-eval"),
+                        source=f"sweep evaluate, cell {cell_name(cell)}")
+
+
+def _tracking(sweep: SweepConfig, run_name: str) -> dict[str, Any]:
+    return {"run_name": run_name, **({"uri": sweep.tracking.uri} if sweep.tracking.uri else {})}
 
 
 def _final_metrics(uri: str, run_id: str | None) -> dict[str, float]:
@@ -183,27 +183,3 @@ def results_table(cfg: SweepConfig, rows: list[dict[str, Any]]) -> list[dict[str
         columns = cfg.metrics or sorted(metrics)
         table.append({**{a: row[a] for a in cfg.grid}, **{c: metrics.get(c) for c in columns}})
     return table
-
-
-def to_csv(table: list[dict[str, Any]]) -> str:
-    if not table:
-        return ""
-    columns = list(dict.fromkeys(c for row in table for c in row))
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, columns)
-    writer.writeheader()
-    writer.writerows(table)
-    return buf.getvalue()
-
-
-def to_markdown(table: list[dict[str, Any]]) -> str:
-    if not table:
-        return ""
-    columns = list(dict.fromkeys(c for row in table for c in row))
-
-    def fmt(v: Any) -> str:
-        return "" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
-
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(fmt(row.get(c)) for c in columns) + " |" for row in table]
-    return "\n".join(lines) + "\n"

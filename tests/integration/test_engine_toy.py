@@ -9,11 +9,8 @@ by the engine, and a killed job that resumes to the same weights and the same ba
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -45,13 +42,9 @@ def driver(out: Path, *args: str) -> list[str]:
     return [sys.executable, "-c", DRIVER, str(TOY), str(out), *JOB, *args]
 
 
-def env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-
-
-def run_job(cmd: list[str], cwd: Path) -> dict:
+def run_job(cmd: list[str], cwd: Path, procs) -> dict:
     """Run a job to its end; its summary.json."""
-    proc = subprocess.run(cmd, cwd=cwd, env=env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=cwd, env=procs.env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return json.loads((Path(cmd[4]) / "summary.json").read_text())
 
@@ -80,27 +73,16 @@ def assert_same(a: dict, b: dict) -> None:
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6, msg=key)
 
 
-def kill_tree(proc: subprocess.Popen) -> None:
-    """SIGKILL the driver, its local Ray and the training workers at once (Ray actors run in
-    process groups of their own and would train on for a second or two after the driver)."""
-    import psutil
-
-    for child in psutil.Process(proc.pid).children(recursive=True):
-        child.kill()
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-
-
 @pytest.fixture(scope="module")
 def work(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("engine-toy")
 
 
 @pytest.fixture(scope="module")
-def reference(work) -> tuple[Path, Path, dict, str]:
+def reference(work, procs) -> tuple[Path, Path, dict, str]:
     """One uninterrupted job, tracked in a local MLflow store."""
     out, record, uri = work / "ref", work / "ref-record", f"sqlite:///{work / 'mlflow.db'}"
-    summary = run_job(driver(out, f"record={record}", f"tracking.uri={uri}"), work)
+    summary = run_job(driver(out, f"record={record}", f"tracking.uri={uri}"), work, procs)
     return out, record, summary, uri
 
 
@@ -156,24 +138,20 @@ def test_engine_logs_config_lineage_and_forward_metrics_for_any_task(reference):
     assert run.data.metrics["train/acc"] > 0.8
 
 
-def test_killed_job_resumes_to_the_same_weights_and_batches(work, reference):
+def test_killed_job_resumes_to_the_same_weights_and_batches(work, reference, procs):
     ref_out, ref_record, ref, _ = reference
     out, record = work / "killed", work / "killed-record"
     cmd = driver(out, f"record={record}", "tracking.enabled=false", "step_sleep_s=0.04")
-    proc = subprocess.Popen(cmd, cwd=work, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    proc = subprocess.Popen(cmd, cwd=work, env=procs.env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
-    marker = out / "checkpoints" / "step-00000010" / "_COMPLETE.json"
-    deadline = time.monotonic() + 200
     try:
-        while not (marker.exists() and last_step(record) >= 13):
-            assert proc.poll() is None, "the job ended before it could be killed"
-            assert time.monotonic() < deadline, "no checkpoint within the time limit"
-            time.sleep(0.05)
+        procs.wait_until(lambda: procs.checkpoint(out, 10).exists() and last_step(record) >= 13, proc,
+                         timeout=200, what="the toy job, before step 13")
     finally:
-        kill_tree(proc)
+        procs.kill_tree(proc)
     assert not (out / "summary.json").exists(), "the job finished before it was killed"
 
-    s = run_job(cmd, work)
+    s = run_job(cmd, work, procs)
     assert s["resumed_from_step"] >= 10
     assert_same(weights(ref_record / f"eval-{STEPS}.pt"), weights(record / f"eval-{STEPS}.pt"))
     assert_same(weights(ref_out / "model" / "weights.pt"), weights(out / "model" / "weights.pt"))

@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,19 +13,8 @@ import webdataset as wds
 from sonosynth.datasets.reader import DatasetReader
 
 pytestmark = pytest.mark.integration
-SONOSYNTH = str(Path(sys.executable).with_name("sonosynth"))
 N = 24
 BASE = ["--num-samples", str(N), "--set", "shard_size=4", "--workers", "2"]
-
-
-def env() -> dict:
-    return {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-
-
-def cli(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    proc = subprocess.run([SONOSYNTH, *args], cwd=cwd, env=env(), capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"sonosynth {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return proc
 
 
 @pytest.fixture(scope="module")
@@ -57,9 +42,9 @@ def fingerprint(uri: str, storage=None) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def reference(work, tiny_lora) -> tuple[Path, dict, str]:
+def reference(work, tiny_lora, procs) -> tuple[Path, dict, str]:
     out = work / "reference"
-    proc = cli(["generate", "generate_tiny", "--out", str(out), "--lora", str(tiny_lora), *BASE,
+    proc = procs.cli(["generate", "generate_tiny", "--out", str(out), "--lora", str(tiny_lora), *BASE,
                 "--set", f"tracking.uri=sqlite:///{work / 'mlruns.db'}"], cwd=work)
     return out, fingerprint(str(out)), proc.stdout
 
@@ -94,19 +79,19 @@ def test_generation_is_tracked_in_mlflow(work, reference):
     assert artifacts >= {"samples_grid.png", "config.yaml", "summary.json"}
 
 
-def test_a_killed_sampler_actor_still_ends_with_exactly_n(work, tiny_lora, reference):
+def shard_done(out: Path):
+    return lambda: (out / "_done").is_dir() and bool(list((out / "_done").glob("*.json")))
+
+
+def test_a_killed_sampler_actor_still_ends_with_exactly_n(work, tiny_lora, reference, procs):
     import psutil
 
     out = work / "actor-killed"
-    args = [SONOSYNTH, "generate", "generate_tiny", "--out", str(out), "--lora", str(tiny_lora), *BASE,
+    args = ["generate", "generate_tiny", "--out", str(out), "--lora", str(tiny_lora), *BASE,
             "--set", "tracking.enabled=false"]
-    proc = subprocess.Popen(args, cwd=work, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+    proc = procs.start(args, cwd=work, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 300
-        while not list((out / "_done").glob("*.json")) if (out / "_done").is_dir() else True:
-            assert proc.poll() is None and time.monotonic() < deadline, "no shard finished"
-            time.sleep(0.05)
+        procs.wait_until(shard_done(out), proc, timeout=300, what="generate, before its first shard")
         actors = [p for p in psutil.Process(proc.pid).children(recursive=True)
                   if "SamplerWorker" in " ".join(p.cmdline())]
         assert actors, "no sampler actor process found"
@@ -114,25 +99,22 @@ def test_a_killed_sampler_actor_still_ends_with_exactly_n(work, tiny_lora, refer
         output, _ = proc.communicate(timeout=500)
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+            procs.kill_tree(proc)
     assert proc.returncode == 0, output[-4000:]
     assert fingerprint(str(out)) == reference[1]  # same run id, same samples, nothing twice
 
 
-def test_an_interrupted_job_rerun_completes_without_duplicates(work, tiny_lora, reference):
+def test_an_interrupted_job_rerun_completes_without_duplicates(work, tiny_lora, reference, procs):
     out = work / "interrupted"
-    args = [SONOSYNTH, "generate", "generate_tiny", "--out", str(out), "--lora", str(tiny_lora), *BASE,
+    args = ["generate", "generate_tiny", "--out", str(out), "--lora", str(tiny_lora), *BASE,
             "--set", "tracking.enabled=false"]
-    proc = subprocess.Popen(args, cwd=work, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    deadline = time.monotonic() + 300
-    while not ((out / "_done").is_dir() and list((out / "_done").glob("*.json"))):
-        assert proc.poll() is None and time.monotonic() < deadline, "no shard finished"
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    proc = procs.start(args, cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        procs.wait_until(shard_done(out), proc, timeout=300, what="generate, before its first shard")
+    finally:
+        procs.kill_tree(proc)
     assert not (out / "summary.json").exists(), "the job finished before it was killed"
-    done = cli(args[1:], cwd=work)
+    done = procs.cli(args, cwd=work)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["shards_reused"] >= 1 and summary["accepted"] == N
     assert fingerprint(str(out)) == reference[1]
@@ -140,7 +122,7 @@ def test_an_interrupted_job_rerun_completes_without_duplicates(work, tiny_lora, 
 
 
 def test_writes_to_s3_with_the_lora_from_the_mlflow_registry(work, tiny_lora, reference, s3_bucket,
-                                                             moto_endpoint, mlflow_url):
+                                                             moto_endpoint, mlflow_url, procs):
     from mlflow import MlflowClient
 
     from sonosynth.infra.tracking import Tracker, TrackingConfig
@@ -152,8 +134,8 @@ def test_writes_to_s3_with_the_lora_from_the_mlflow_registry(work, tiny_lora, re
     tracker.close()
     assert version is not None
     out = f"s3://{s3_bucket}/synthetic/run1"
-    cli(["generate", "generate_tiny", "--out", out, "--lora", "models:/tiny-lora@champion", *BASE,
-         "--set", f"tracking.uri={mlflow_url}"], cwd=work)
+    procs.cli(["generate", "generate_tiny", "--out", out, "--lora", "models:/tiny-lora@champion", *BASE,
+               "--set", f"tracking.uri={mlflow_url}"], cwd=work)
     assert fingerprint(out) == reference[1]  # same LoRA bytes -> same run id -> same samples
     client = MlflowClient(mlflow_url)
     runs = client.search_runs([client.get_experiment_by_name("sonosynth-generate").experiment_id])

@@ -10,12 +10,7 @@ from __future__ import annotations
 import base64
 import csv
 import json
-import os
-import signal
 import subprocess
-import sys
-import time
-from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
@@ -29,44 +24,9 @@ TINY = ["real.cohort.phantom.num=48", "hc18.splits.test=0.15", "lora.engine.max_
         *(f"{s}.box_draws=2" for s in ("eval_real", "eval_real_hc18", "eval_synthetic", "eval_synthetic_hc18"))]
 
 
-def has_sam() -> bool:
-    from sonosynth.launch.stages import STAGES
-
-    return "train-sam" in STAGES
-
-
-def tiny() -> list[str]:
-    if has_sam():
-        return TINY
-    # Until train-sam is registered: the demo without its SAM sections (evaluate and promote
-    # read them, so they are not run either).
-    return [s for s in TINY if not s.startswith("sam_")] + ["sam_real=null", "sam_synthetic=null"]
-
-
 def command(out: Path, *extra: str) -> list[str]:
-    sets = [x for s in [*tiny(), *extra] for x in ("--set", s)]
-    return [str(Path(sys.executable).with_name("sonosynth")), "pipeline", "demo", "--out", str(out),
-            "--no-progress", *sets]
-
-
-def env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
-
-
-def pipeline(out: Path, *extra: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    proc = subprocess.run(command(out, *extra), cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
-    return proc
-
-
-def kill_tree(proc: subprocess.Popen) -> None:
-    """SIGKILL the pipeline, its local Ray and the training workers at once."""
-    import psutil
-
-    for child in psutil.Process(proc.pid).children(recursive=True):
-        child.kill()
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    sets = [x for s in [*TINY, *extra] for x in ("--set", s)]
+    return ["pipeline", "demo", "--out", str(out), "--no-progress", *sets]
 
 
 def runs_by_section(uri: str) -> dict[str, list]:
@@ -87,26 +47,20 @@ def lineage(out: Path) -> dict[str, dict[str, str]]:
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
+def demo(tmp_path_factory, procs):
     """The demo killed while its LoRA trains, then resumed: (out, uri, the resumed run's stdout, facts)."""
     out = tmp_path_factory.mktemp("pipeline") / "demo"
     log = open(out.parent / "killed.log", "w")
-    proc = subprocess.Popen(command(out), cwd=REPO, env=env(), stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    deadline = time.monotonic() + 600
+    proc = procs.start(command(out), cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     try:
-        while not list(out.glob("lora/*/checkpoints/step-*/_COMPLETE.json")):
-            assert proc.poll() is None, (out.parent / "killed.log").read_text()[-4000:]
-            assert time.monotonic() < deadline, "no LoRA checkpoint within the time limit"
-            time.sleep(0.05)
+        procs.wait_until(lambda: bool(list(out.glob("lora/*/checkpoints/step-*/_COMPLETE.json"))), proc,
+                         what="the demo, before its first LoRA checkpoint")
     finally:
-        kill_tree(proc)
+        procs.kill_tree(proc)
     [real_done] = out.glob("real/*/_PIPELINE_DONE.json")
     assert not list(out.glob("lora/*/_PIPELINE_DONE.json")), "the LoRA finished before it was killed"
     before = {"real_done": real_done.read_text(), "real_mtime": real_done.stat().st_mtime}
-    t0 = time.monotonic()
-    resumed = pipeline(out)
-    before["resume_s"] = time.monotonic() - t0
+    resumed = procs.cli(command(out), cwd=REPO, timeout=900)
     return out, f"sqlite:///{out / 'mlflow.db'}", resumed.stdout, before
 
 
@@ -124,63 +78,23 @@ def test_a_killed_pipeline_resumes_and_skips_the_finished_stages(demo):
     assert parent.info.status == "FINISHED"
     nested = [r for section, rs in runs.items() if not section.startswith("(") for r in rs]
     assert {r.data.tags["mlflow.parentRunId"] for r in nested} == {parent.info.run_id}
-    if has_sam():  # the promote run's own evaluations (challenger only: the first version) nest under it
-        evaluations = runs["(promote evaluations)"]
-        assert {r.data.tags["mlflow.parentRunId"] for r in evaluations} == {runs["promote"][0].info.run_id}
+    # the promote run's own evaluations (challenger only: the first version) nest under it
+    evaluations = runs["(promote evaluations)"]
+    assert {r.data.tags["mlflow.parentRunId"] for r in evaluations} == {runs["promote"][0].info.run_id}
     rows = lineage(out)
     assert rows["real"]["status"] == "skipped (done)" and rows["lora"]["status"] == "ran"
     assert rows["lora"]["inputs"] == f"data.dataset={out}/real/{rows['real']['key']}"
     assert rows["lora"]["model_version"] == "sonosynth-lora v1"
-    if has_sam():
-        assert rows["promote"]["status"] == "ran"
-        assert rows["sam_synthetic"]["model_version"] == "sonosynth-sam v1"
+    assert rows["promote"]["status"] == "ran"
+    assert rows["sam_synthetic"]["model_version"] == "sonosynth-sam v1"
 
 
-class Page(HTMLParser):
-    def __init__(self):
-        super().__init__()
-        self.tables: dict[str, list[list[str]]] = {}
-        self.images: list[str] = []
-        self.ids: dict[str, str] = {}
-        self._table, self._cell, self._id, self._id_tag = None, None, None, None
-
-    def handle_starttag(self, tag, attrs):
-        attrs = dict(attrs)
-        if tag == "table":
-            self._table = self.tables.setdefault(attrs.get("id", ""), [])
-        elif tag == "tr" and self._table is not None:
-            self._table.append([])
-        elif tag in ("td", "th") and self._table is not None:
-            self._cell = []
-        elif tag == "img":
-            self.images.append(attrs.get("src", ""))
-        if attrs.get("id") and tag not in ("table", "img"):
-            self._id, self._id_tag = attrs["id"], tag
-            self.ids[self._id] = ""
-
-    def handle_endtag(self, tag):
-        if tag in ("td", "th") and self._cell is not None:
-            self._table[-1].append("".join(self._cell))
-            self._cell = None
-        elif tag == "table":
-            self._table = None
-        elif tag == self._id_tag:
-            self._id = self._id_tag = None
-
-    def handle_data(self, data):
-        if self._cell is not None:
-            self._cell.append(data)
-        if self._id:
-            self.ids[self._id] += data
-
-
-def test_the_demo_leaves_a_self_contained_report_and_says_where_it_is(demo):
+def test_the_demo_leaves_a_self_contained_report_and_says_where_it_is(demo, read_report):
     out, uri, stdout, before = demo
     assert f"report:   {out}/report.html" in stdout and f"ui --backend-store-uri {uri}" in stdout
     text = (out / "report.html").read_text()
     assert "<script" not in text and 'src="http' not in text and "file://" not in text
-    page = Page()
-    page.feed(text)
+    page = read_report(out / "report.html")
     assert page.ids["status"] == "FINISHED"
     [grid] = page.images
     assert grid.startswith("data:image/png;base64,")
@@ -188,39 +102,34 @@ def test_the_demo_leaves_a_self_contained_report_and_says_where_it_is(demo):
     sections = [row[0] for row in page.tables["lineage-table"][1:]]
     assert sections == ["real", "hc18", "lora", "synthetic", "sam_real", "sam_synthetic", "eval_real",
                         "eval_real_hc18", "eval_synthetic", "eval_synthetic_hc18", "promote"]
-    if has_sam():
-        dice = page.tables["dice-table"]
-        assert dice[0][:4] == ["cohort", "images", "dice_mean: real only", "dice_mean: real + synthetic"]
-        cohorts = {row[0]: row for row in dice[1:]}
-        assert "phantom" in cohorts and all(0 <= float(v) <= 1 for v in cohorts["phantom"][2:4])
-        if not lineage(out)["hc18"]["status"].startswith("not run"):
-            assert float(cohorts["hc18"][2]) >= 0 and float(cohorts["hc18"][3]) >= 0
-        assert page.ids["promotion-decision"].startswith("first")  # the first sonosynth-sam version
-        promo = page.tables["promotion-table"]
-        assert promo[1][0] == "dice_mean" and 0 <= float(promo[1][1]) <= 1
+    dice = page.tables["dice-table"]
+    assert dice[0][:4] == ["cohort", "images", "dice_mean: real only", "dice_mean: real + synthetic"]
+    cohorts = {row[0]: row for row in dice[1:]}
+    assert "phantom" in cohorts and all(0 <= float(v) <= 1 for v in cohorts["phantom"][2:4])
+    if not lineage(out)["hc18"]["status"].startswith("not run"):
+        assert float(cohorts["hc18"][2]) >= 0 and float(cohorts["hc18"][3]) >= 0
+    assert page.ids["promotion-decision"].startswith("first")  # the first sonosynth-sam version
+    promo = page.tables["promotion-table"]
+    assert promo[1][0] == "dice_mean" and 0 <= float(promo[1][1]) <= 1
     summary = json.loads((out / "pipeline.json").read_text())
     assert summary["status"] == "FINISHED" and summary["tracking"]["run_id"]
 
 
-def test_a_rerun_with_nothing_changed_does_nothing(demo):
+def test_a_rerun_with_nothing_changed_does_nothing(demo, procs):
     out, uri, _, _ = demo
     count = sum(len(v) for v in runs_by_section(uri).values())
-    t0 = time.monotonic()
-    proc = pipeline(out)
-    assert "ran 0 stages" in proc.stdout and time.monotonic() - t0 < 120
+    proc = procs.cli(command(out), cwd=REPO)
+    assert "ran 0 stages" in proc.stdout
     assert sum(len(v) for v in runs_by_section(uri).values()) == count
 
 
-def test_changing_one_section_reruns_it_and_the_sections_after_it_only(demo):
+def test_changing_one_section_reruns_it_and_the_sections_after_it_only(demo, procs):
     out, uri, _, _ = demo
     old = lineage(out)
-    if has_sam():
-        changed, expect = "sam_synthetic.engine.max_steps=12", {"sam_synthetic", "eval_synthetic", "promote"}
-        if not old["hc18"]["status"].startswith("not run"):  # the real samples are there
-            expect.add("eval_synthetic_hc18")
-    else:
-        changed, expect = "synthetic.num_samples=8", {"synthetic"}
-    pipeline(out, changed)
+    changed, expect = "sam_synthetic.engine.max_steps=12", {"sam_synthetic", "eval_synthetic", "promote"}
+    if not old["hc18"]["status"].startswith("not run"):  # the real samples are there
+        expect.add("eval_synthetic_hc18")
+    procs.cli(command(out, changed), cwd=REPO, timeout=900)
     new = lineage(out)
     ran = {s for s, row in new.items() if row["status"] == "ran"}
     assert ran == expect
@@ -229,7 +138,7 @@ def test_changing_one_section_reruns_it_and_the_sections_after_it_only(demo):
             assert row["key"] != old[section]["key"]
         elif row["status"] == "skipped (done)":
             assert row["key"] == old[section]["key"]
-    if has_sam():  # the new challenger was compared with the first champion; the decision is recorded
-        decision = json.loads((out / "pipeline.json").read_text())["promotion"]
-        assert decision["decision"] in ("promoted", "refused") and decision["champion_before"] == "1"
-        assert decision["champion"]["overall"]["dice_mean"] is not None
+    # the new challenger was compared with the first champion; the decision is recorded
+    decision = json.loads((out / "pipeline.json").read_text())["promotion"]
+    assert decision["decision"] in ("promoted", "refused") and decision["champion_before"] == "1"
+    assert decision["champion"]["overall"]["dice_mean"] is not None

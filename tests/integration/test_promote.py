@@ -18,7 +18,8 @@ import pytest
 from scipy import ndimage
 
 from sonosynth.infra.config import ConfigError, build
-from sonosynth.launch.promote import PromoteConfig, promote, rollback, run
+from sonosynth.infra.model_registry import Registry
+from sonosynth.launch.promote import PromoteConfig, run
 
 pytestmark = pytest.mark.integration
 NAME = "sonosynth-promote-test"
@@ -112,15 +113,18 @@ def test_first_champion_worse_refused_better_promoted_and_rollback(mlflow_url, d
     assert client.get_model_version_by_alias(NAME, "previous_champion").version == v1
     assert better.figures["challenger"]["overall"]["dice_mean"] == pytest.approx(1.0)
 
-    res = cli("rollback", NAME, "--uri", mlflow_url)
+    res = cli("champion", "rollback", NAME, "--uri", mlflow_url)
     assert res.returncode == 0, res.stderr
     assert champion(client) == v1 and client.get_model_version(NAME, v3).tags["sonosynth.decision"] == "rolled_back"
 
-    res = cli("promote", NAME, "--version", v2, "--uri", mlflow_url, "--reason", "hotfix")
+    res = cli("champion", "set", NAME, "--version", v2, "--uri", mlflow_url, "--reason", "hotfix")
     assert res.returncode == 0, res.stderr
+    res = cli("champion", "show", NAME, "--uri", mlflow_url)
+    assert res.returncode == 0 and f"champion:          version {v2}" in res.stdout, res.stderr
+    assert f"previous_champion: version {v1}" in res.stdout and "hotfix" in res.stdout
     assert champion(client) == v2 and client.get_model_version(NAME, v2).tags["sonosynth.decision"] == "manual"
-    assert rollback(client, NAME).champion_after == v1 == champion(client)
-    res = cli("rollback", NAME, "--uri", mlflow_url)
+    assert Registry(mlflow_url).rollback(NAME).champion_after == v1 == champion(client)
+    res = cli("champion", "rollback", NAME, "--uri", mlflow_url)
     assert res.returncode == 2 and "no previous champion" in res.stderr
     with pytest.raises(ConfigError, match="has no version 99"):
-        promote(client, NAME, "99")
+        Registry(mlflow_url).set_champion(NAME, "99")

@@ -22,39 +22,31 @@ SONOSYNTH = str(Path(sys.executable).with_name("sonosynth"))
 REPO = Path(__file__).resolve().parents[2]
 
 
-def run(args: list[str], env: dict, cwd: Path, timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([SONOSYNTH, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    if check:
-        assert proc.returncode == 0, f"sonosynth {' '.join(args)} -> {proc.returncode}:\n" \
-                                     f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
-    return proc
-
-
 @pytest.fixture(scope="module")
 def work(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("stack-submit")
 
 
 @pytest.fixture(scope="module")
-def up(work):
+def up(work, procs):
     """`sonosynth stack up`; the environment of its env.sh; `stack down` at the end whatever happens."""
     folder = work / "stack"
     base = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_", "AWS_"))}
     t0 = time.monotonic()
-    proc = run(["stack", "up", "--dir", str(folder), "--ray-cpus", "2"], base, work, timeout=400)
+    proc = procs.cli(["stack", "up", "--dir", str(folder), "--ray-cpus", "2"], env=base, cwd=work, timeout=400)
     state = stack.load_state(folder)
     env = {**base, **stack.client_env(state)}
     yield {"folder": folder, "state": state, "env": env, "up_s": time.monotonic() - t0, "stdout": proc.stdout}
     stack.down(folder)
 
 
-def test_stack_up_starts_three_healthy_servers_with_pids_and_logs(up, work):
+def test_stack_up_starts_three_healthy_servers_with_pids_and_logs(up, work, procs):
     state, folder = up["state"], up["folder"]
     assert set(state["services"]) == {"s3", "mlflow", "ray-head"}
     for name, entry in state["services"].items():
         assert stack._is_ours(entry["pid"], state["id"]), name
         assert Path(entry["log"]).is_file() and Path(entry["log"]).parent == folder / "logs"
-    status = run(["stack", "status", "--dir", str(folder)], up["env"], work)
+    status = procs.cli(["stack", "status", "--dir", str(folder)], env=up["env"], cwd=work)
     assert status.stdout.count("healthy") == 3, status.stdout
     env_sh = (folder / "env.sh").read_text()
     assert "RAY_AUTH_TOKEN_PATH=" in env_sh and Path(state["token_file"]).read_text().strip() not in env_sh
@@ -64,26 +56,27 @@ def test_stack_up_starts_three_healthy_servers_with_pids_and_logs(up, work):
     with pytest.raises(Exception, match="401|Unauthorized"):
         urlopen(state["services"]["ray-head"]["url"] + "/api/jobs/", timeout=5)
     # a second `up` finds the running stack and starts nothing
-    again = run(["stack", "up", "--dir", str(folder)], up["env"], work)
+    again = procs.cli(["stack", "up", "--dir", str(folder)], env=up["env"], cwd=work)
     assert stack.load_state(folder)["services"] == state["services"], again.stdout
 
 
 @pytest.fixture(scope="module")
-def dataset(up, work) -> str:
+def dataset(up, work, procs) -> str:
     """A phantom dataset in the stack's S3, written by an ingest job."""
     out = "s3://sonosynth/phantom"
-    run(["submit", "--wait", "--", "ingest", "--cohort", "phantom", "--num-samples", "16", "--out", out,
-         "--set", "cohort.phantom.height=96", "--set", "cohort.phantom.width=96", "--no-progress"], up["env"], work)
+    procs.cli(["submit", "--wait", "--", "ingest", "--cohort", "phantom", "--num-samples", "16", "--out", out,
+               "--set", "cohort.phantom.height=96", "--set", "cohort.phantom.width=96", "--no-progress"],
+              env=up["env"], cwd=work)
     return out
 
 
 @pytest.fixture(scope="module")
-def train_job(up, work, dataset):
+def train_job(up, work, dataset, procs):
     args = ["submit", "--wait", "--", "train-lora", "lora_joint_tiny", "--out", "s3://sonosynth/lora/joint",
             "--dataset", dataset, "--set", "engine.max_steps=10", "--set", "engine.checkpoint_every=10",
             "--set", "engine.eval_every=10", "--set", "preview.num=1"]
     t0 = time.monotonic()
-    proc = run(args, up["env"], work)
+    proc = procs.cli(args, env=up["env"], cwd=work)
     return proc, time.monotonic() - t0
 
 
@@ -139,12 +132,12 @@ def test_train_lora_run_and_registered_model_are_in_mlflow_and_s3(up, train_job,
 
 
 @pytest.fixture(scope="module")
-def generate_job(up, work, train_job):
+def generate_job(up, work, train_job, procs):
     args = ["submit", "--wait", "--", "generate", "generate_tiny", "--out", "s3://sonosynth/synthetic/run1",
             "--lora", "models:/sonosynth-lora/1", "--num-samples", "8", "--workers", "2",
             "--set", "shard_size=4"]
     t0 = time.monotonic()
-    proc = run(args, up["env"], work)
+    proc = procs.cli(args, env=up["env"], cwd=work)
     return proc, time.monotonic() - t0
 
 
@@ -168,20 +161,20 @@ def test_generate_job_writes_shards_to_s3_and_is_tracked(up, generate_job, monke
     assert [r.data.metrics["accepted"] for r in runs if r.data.params.get("out") == out] == [8.0]
 
 
-def test_job_exit_status_becomes_the_commands(up, work, train_job):
-    bad = run(["submit", "--wait", "--", "generate", "generate_tiny", "--out", "s3://sonosynth/x",
-               "--set", "no_such_key=1"], up["env"], work, check=False)
+def test_job_exit_status_becomes_the_commands(up, work, train_job, procs):
+    bad = procs.cli(["submit", "--wait", "--", "generate", "generate_tiny", "--out", "s3://sonosynth/x",
+                     "--set", "no_such_key=1"], env=up["env"], cwd=work, check=False)
     assert bad.returncode == 2, bad.stderr[-2000:]
     assert "unknown key" in bad.stdout + bad.stderr
     # refused here, before anything is submitted
-    verb = run(["submit", "--", "no-such-verb"], up["env"], work, check=False)
+    verb = procs.cli(["submit", "--", "no-such-verb"], env=up["env"], cwd=work, check=False)
     assert verb.returncode == 2 and "train-lora" in verb.stderr
     no_token = {k: v for k, v in up["env"].items() if not k.startswith("RAY_AUTH")}
-    denied = run(["submit", "--", "config", "generate"], no_token, work, check=False)
+    denied = procs.cli(["submit", "--", "config", "generate"], env=no_token, cwd=work, check=False)
     assert denied.returncode == 2 and "token" in denied.stderr, denied.stderr
 
 
-def test_ctrl_c_stops_the_job_and_jobs_verbs_see_it(up, work, train_job):
+def test_ctrl_c_stops_the_job_and_jobs_verbs_see_it(up, work, train_job, procs):
     env = up["env"]
     args = [SONOSYNTH, "submit", "--wait", "--", "ingest", "--cohort", "phantom", "--num-samples", "200000",
             "--out", str(work / "never-finished"), "--no-progress"]
@@ -199,9 +192,9 @@ def test_ctrl_c_stops_the_job_and_jobs_verbs_see_it(up, work, train_job):
             proc.kill()
     assert proc.returncode == 130, err[-2000:]
     job = _job_id(err)
-    listed = json.loads(run(["jobs", "list", "--json"], env, work).stdout)
+    listed = json.loads(procs.cli(["jobs", "list", "--json"], env=env, cwd=work).stdout)
     assert {r["id"]: r["status"] for r in listed}[job] == "STOPPED"
-    assert "sonosynth 0.1.0 from" in run(["jobs", "logs", job], env, work).stdout
+    assert "sonosynth 0.1.0 from" in procs.cli(["jobs", "logs", job], env=env, cwd=work).stdout
 
 
 NIGHTLY = ["submit", "--wait", "--", "pipeline", "nightly_heads_tiny", "--set", "out=s3://sonosynth/nightly",
@@ -222,7 +215,7 @@ def publish_heads(env: dict, shared: Path, names: list[str], prefix: str, sample
 
 
 @pytest.fixture(scope="module")
-def nightly(up, work, shared_data):
+def nightly(up, work, shared_data, procs):
     """The nightly rehearsed: first night, a night with nothing new, a night with new labelled heads."""
     env = up["env"]
     heads = sorted(p.name for p in (shared_data / "hc18_sample" / "image").glob("*.png"))
@@ -234,7 +227,7 @@ def nightly(up, work, shared_data):
         if night == "new data":
             publish_heads(env, shared_data, heads[24:32], "sources/hc18")
         t0 = time.monotonic()
-        nights[night] = (run(NIGHTLY, env, work, timeout=900), time.monotonic() - t0)
+        nights[night] = (procs.cli(NIGHTLY, env=env, cwd=work, timeout=900), time.monotonic() - t0)
     return nights
 
 
@@ -270,17 +263,17 @@ def test_the_nightly_retrains_on_new_labelled_data_and_does_nothing_without(up, 
           f"new data {nightly['new data'][1]:.0f} s")
 
 
-def test_stack_down_leaves_no_process_behind(up, work, train_job, generate_job):
+def test_stack_down_leaves_no_process_behind(up, work, train_job, generate_job, procs):
     state, folder = up["state"], up["folder"]
     assert stack.marked_processes(state["id"])
     t0 = time.monotonic()
-    run(["stack", "down", "--dir", str(folder)], up["env"], work)
+    procs.cli(["stack", "down", "--dir", str(folder)], env=up["env"], cwd=work)
     assert stack.marked_processes(state["id"]) == []
     for entry in state["services"].values():
         assert not stack._is_ours(entry["pid"], state["id"])
     assert not (folder / "stack.json").exists() and not Path(state["ray_temp_dir"]).exists()
     assert (folder / "logs" / "ray-head.log").is_file()  # the logs stay
-    status = run(["stack", "status", "--dir", str(folder)], up["env"], work, check=False)
+    status = procs.cli(["stack", "status", "--dir", str(folder)], env=up["env"], cwd=work, check=False)
     assert status.returncode == 1
     print(f"stack up {up['up_s']:.0f} s, train job {train_job[1]:.0f} s, generate job {generate_job[1]:.0f} s, "
           f"down {time.monotonic() - t0:.0f} s")

@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -16,30 +12,11 @@ import torch
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.integration
-SONOSYNTH = str(Path(sys.executable).with_name("sonosynth"))
 STEPS = ["--set", "engine.max_steps=40", "--set", "engine.checkpoint_every=10", "--set", "preview.num=2"]
-
-
-def cli(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.run([SONOSYNTH, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"sonosynth {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return proc
 
 
 def summary(out: Path) -> dict:
     return json.loads((out / "summary.json").read_text())
-
-
-def kill_tree(proc: subprocess.Popen) -> None:
-    """SIGKILL the driver, its local Ray and the training workers at once: Ray actors run in
-    process groups of their own and would otherwise train on (even finish) for a second or two."""
-    import psutil
-
-    for child in psutil.Process(proc.pid).children(recursive=True):
-        child.kill()
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
 
 
 def mlflow_client(uri: str):
@@ -59,10 +36,10 @@ def joint_data(work, make_phantom_dataset) -> Path:
 
 
 @pytest.fixture(scope="module")
-def joint_run(work, joint_data) -> tuple[Path, str, str]:
+def joint_run(work, joint_data, procs) -> tuple[Path, str, str]:
     """One uninterrupted joint-mode job: 2 ranks, 40 steps, local SQLite MLflow store."""
     out, uri = work / "joint", f"sqlite:///{work / 'mlruns.db'}"
-    proc = cli(["train-lora", "lora_joint_tiny", "--out", str(out), "--dataset", str(joint_data),
+    proc = procs.cli(["train-lora", "lora_joint_tiny", "--out", str(out), "--dataset", str(joint_data),
                 "--set", f"tracking.uri={uri}", *STEPS], cwd=work)
     return out, uri, proc.stdout
 
@@ -115,33 +92,26 @@ def test_saved_lora_loads_into_pipeline_and_changes_output(joint_run):
     assert keys and all(k.startswith("unet.") for k in keys)
 
 
-def test_rerun_of_finished_job_trains_nothing(joint_run, joint_data):
+def test_rerun_of_finished_job_trains_nothing(joint_run, joint_data, procs):
     out, uri, _ = joint_run
-    t0 = time.monotonic()
-    proc = cli(["train-lora", "lora_joint_tiny", "--out", str(out), "--dataset", str(joint_data),
-                "--set", f"tracking.uri={uri}", *STEPS], cwd=out.parent)
+    proc = procs.cli(["train-lora", "lora_joint_tiny", "--out", str(out), "--dataset", str(joint_data),
+                      "--set", f"tracking.uri={uri}", *STEPS], cwd=out.parent)
     assert "already finished" in proc.stdout
-    assert time.monotonic() - t0 < 30
 
 
-def test_killed_job_resumes_to_the_same_weights(work, joint_data, joint_run):
+def test_killed_job_resumes_to_the_same_weights(work, joint_data, joint_run, procs):
     reference, _, _ = joint_run
     out = work / "killed"
-    args = [SONOSYNTH, "train-lora", "lora_joint_tiny", "--out", str(out), "--dataset", str(joint_data),
+    args = ["train-lora", "lora_joint_tiny", "--out", str(out), "--dataset", str(joint_data),
             "--set", f"tracking.uri=sqlite:///{work / 'killed.db'}", *STEPS]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.Popen(args, cwd=work, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    marker = out / "checkpoints" / "step-00000010" / "_COMPLETE.json"
-    deadline = time.monotonic() + 400
-    while not marker.exists():
-        assert proc.poll() is None, "the job ended before its first checkpoint"
-        assert time.monotonic() < deadline, "no checkpoint within the time limit"
-        time.sleep(0.05)
-    kill_tree(proc)
+    proc = procs.start(args, cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        procs.wait_until(procs.checkpoint(out, 10).exists, proc, timeout=400, what="train-lora, before step 10")
+    finally:
+        procs.kill_tree(proc)
     assert not (out / "summary.json").exists(), "the job finished before it was killed"
 
-    done = cli(args[1:], cwd=work)
+    done = procs.cli(args, cwd=work)
     s = summary(out)
     assert s["resumed_from_step"] >= 10 and "resuming from checkpoint" in done.stdout + done.stderr
     a = load_file(reference / "model" / "pytorch_lora_weights.safetensors")
@@ -151,14 +121,14 @@ def test_killed_job_resumes_to_the_same_weights(work, joint_data, joint_run):
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6, msg=key)
 
 
-def test_class_mode_on_s3_tracked_on_a_real_server(work, mlflow_url, make_phantom_dataset, s3_bucket):
+def test_class_mode_on_s3_tracked_on_a_real_server(work, mlflow_url, make_phantom_dataset, s3_bucket, procs):
     """Class mode with a text-encoder LoRA; checkpoints and model on S3 (moto_server), MLflow over HTTP."""
     from sonosynth.infra.storage import open_storage
 
     data = make_phantom_dataset(work / "planes", 32, ["brain", "abdomen", "femur", "thorax"])
     out = f"s3://{s3_bucket}/lora/class"
-    proc = cli(["train-lora", "lora_class_tiny", "--out", out, "--dataset", str(data),
-                "--set", f"tracking.uri={mlflow_url}", *STEPS], cwd=work)
+    proc = procs.cli(["train-lora", "lora_class_tiny", "--out", out, "--dataset", str(data),
+                      "--set", f"tracking.uri={mlflow_url}", *STEPS], cwd=work)
     storage = open_storage(out)
     s = json.loads(storage.get_text("summary.json"))
     assert s["eval_end"]["eval/loss"] < s["eval_start"]["eval/loss"] - 0.01, s
@@ -180,23 +150,17 @@ def test_class_mode_on_s3_tracked_on_a_real_server(work, mlflow_url, make_phanto
     assert mlflow_url in proc.stdout
 
 
-def test_killed_workers_are_restarted_by_ray_train_and_resume(work, joint_data, joint_run):
+def test_killed_workers_are_restarted_by_ray_train_and_resume(work, joint_data, joint_run, procs):
     import psutil
 
     reference, _, _ = joint_run
     out = work / "worker-killed"
-    args = [SONOSYNTH, "train-lora", "lora_joint_tiny", "--out", str(out), "--dataset", str(joint_data),
+    args = ["train-lora", "lora_joint_tiny", "--out", str(out), "--dataset", str(joint_data),
             "--set", f"tracking.uri=sqlite:///{work / 'worker-killed.db'}", "--set", "engine.max_failures=1",
             *STEPS]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.Popen(args, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+    proc = procs.start(args, cwd=work, stderr=subprocess.STDOUT)
     try:
-        marker = out / "checkpoints" / "step-00000010" / "_COMPLETE.json"
-        deadline = time.monotonic() + 400
-        while not marker.exists():
-            assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint"
-            time.sleep(0.05)
+        procs.wait_until(procs.checkpoint(out, 10).exists, proc, timeout=400, what="train-lora, before step 10")
         workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
                    if "ray::RayTrainWorker" in " ".join(p.cmdline())]
         assert len(workers) == 2
@@ -205,7 +169,7 @@ def test_killed_workers_are_restarted_by_ray_train_and_resume(work, joint_data, 
         output, _ = proc.communicate(timeout=500)
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+            procs.kill_tree(proc)
     assert proc.returncode == 0, output[-4000:]
     s = summary(out)
     assert s["resumed_from_step"] >= 10

@@ -12,10 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -25,16 +22,11 @@ import torch
 pytestmark = pytest.mark.integration
 RECIPE = "sam_tiny"
 JOB = ["engine.progress=false", "engine.checkpoint_every=10"]
-SONOSYNTH = str(Path(sys.executable).with_name("sonosynth"))
 
 
-def cli(*args: str) -> list[str]:
-    """``sonosynth train-sam sam_tiny ARGS`` with the test's engine settings."""
-    return [SONOSYNTH, "train-sam", RECIPE, "--no-progress", *args, *(x for kv in JOB for x in ("--set", kv))]
-
-
-def env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+def args(*extra: str) -> list[str]:
+    """``train-sam sam_tiny EXTRA`` with the test's engine settings."""
+    return ["train-sam", RECIPE, "--no-progress", *extra, *(x for kv in JOB for x in ("--set", kv))]
 
 def config(out: Path, dataset: Path, *overrides: str):
     from sonosynth.launch.recipes import resolve
@@ -46,16 +38,6 @@ def config(out: Path, dataset: Path, *overrides: str):
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:
     return torch.load(folder / "sam_finetuned.pt", map_location="cpu", weights_only=True)["state_dict"]
-
-
-def kill_tree(proc: subprocess.Popen) -> None:
-    """SIGKILL the driver, its local Ray and the training workers at once."""
-    import psutil
-
-    for child in psutil.Process(proc.pid).children(recursive=True):
-        child.kill()
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +105,8 @@ def test_registered_model_loads_back_from_the_server_and_predicts(reference, pha
     from sonosynth.infra.storage import open_storage
     from sonosynth.trainers.sam import load_sam_model
     from sonosynth.trainers.sam.models import predict_masks, sam_forward
-    from sonosynth.trainers.sam.train import SamTask, batch_dice
+    from sonosynth.trainers.sam.module import batch_dice
+    from sonosynth.trainers.sam.train import SamTask
     from sonosynth.trainers.task import WorkerContext
 
     out, s = reference
@@ -153,23 +136,17 @@ def test_registered_model_loads_back_from_the_server_and_predicts(reference, pha
     assert masks.shape == (1, *image.shape) and masks[0].any()
 
 
-def test_killed_job_resumes_to_the_same_weights(reference, phantom, work, local_ray):
+def test_killed_job_resumes_to_the_same_weights(reference, phantom, work, local_ray, procs):
     from sonosynth.trainers.launcher import train
 
     ref_out, ref = reference
     out = work / "killed"
-    cmd = cli("--dataset", str(phantom), "--out", str(out), "--set", "tracking.enabled=false")
-    proc = subprocess.Popen(cmd, cwd=work, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    marker = out / "checkpoints" / "step-00000010" / "_COMPLETE.json"
-    deadline = time.monotonic() + 300
+    proc = procs.start(args("--dataset", str(phantom), "--out", str(out), "--set", "tracking.enabled=false"),
+                       cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        while not marker.exists():
-            assert proc.poll() is None, "the job ended before its first checkpoint"
-            assert time.monotonic() < deadline, "no checkpoint within the time limit"
-            time.sleep(0.05)
+        procs.wait_until(procs.checkpoint(out, 10).exists, proc, timeout=300, what="train-sam, before step 10")
     finally:
-        kill_tree(proc)
+        procs.kill_tree(proc)
     assert not (out / "summary.json").exists(), "the job finished before it was killed"
 
     s = train(config(out, phantom, "tracking.enabled=false"))  # the same job, from Python this time
@@ -181,7 +158,7 @@ def test_killed_job_resumes_to_the_same_weights(reference, phantom, work, local_
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6, msg=key)
 
 
-def test_recipe_runs_end_to_end_on_the_real_hc18_sample(shared_data, work):
+def test_recipe_runs_end_to_end_on_the_real_hc18_sample(shared_data, work, procs):
     """hc18_sample (800x540 outline annotations, filled by ingest) -> the train-sam CLI -> evaluate."""
     from sonosynth.datasets.ingest import IngestConfig, run_ingest
     from sonosynth.infra.config import build
@@ -192,10 +169,8 @@ def test_recipe_runs_end_to_end_on_the_real_hc18_sample(shared_data, work):
     run_ingest(build(IngestConfig, {"out": str(hc18), "cohort": cohort, "splits": {"val": 0.2, "test": 0.2}}),
                progress=False)
     out = work / "sam-hc18"
-    proc = subprocess.run(cli("--dataset", str(hc18), "--out", str(out), "--set", "tracking.enabled=false",
-                              "--set", "data.augment.preset=weak", "--set", "engine.max_steps=20"),
-                          cwd=work, env=env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    proc = procs.cli(args("--dataset", str(hc18), "--out", str(out), "--set", "tracking.enabled=false",
+                          "--set", "data.augment.preset=weak", "--set", "engine.max_steps=20"), cwd=work)
     assert "val/dice" in proc.stdout and "(exported)" in proc.stdout
     s = json.loads((out / "summary.json").read_text())
     assert s["steps"] == 20 and s["eval_examples"] > 0 and s["best"]["value"] > 0

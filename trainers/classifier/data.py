@@ -13,12 +13,12 @@
   engine seeds it per example). Optional brightness/contrast jitter (not the paper's, off by
   default). The work is done on one channel, replicated to 3 at the end.
 - ``class_balanced_counts`` / ``class_balanced_keys``: FU-LoRA's HB set (1,150 real images,
-  230 per class), seeded.
+  230 per class), seeded, with the training mix's nested choice (``datasets.mix.choose``) in
+  each class: for one seed, a smaller total takes a subset of a larger one's.
 """
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 from typing import Any, Iterable, Literal, Sequence
 
@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import model_validator
 
+from sonosynth.datasets.mix import choose, seeded_order
 from sonosynth.infra.config import Config
 from sonosynth.infra.seeds import derive_seed
 
@@ -127,7 +128,8 @@ def class_balanced_counts(manifest_rows: Iterable[dict[str, Any]], n_total: int,
                           classes: Sequence[str] | None = None) -> dict[str, int]:
     """How many samples of each class make ``n_total`` as balanced as availability allows: an
     equal share each, a class with fewer samples gives all it has and the rest is shared by the
-    others; the remainder of the division goes to a seeded choice of classes. ``classes``
+    others; the remainder of the division goes to the first classes of a seeded order (the
+    same order for every total, so no class's count shrinks as the total grows). ``classes``
     (default: every plane in the rows) limits the classes drawn from."""
     have: dict[str, int] = {}
     for r in manifest_rows:
@@ -137,6 +139,7 @@ def class_balanced_counts(manifest_rows: Iterable[dict[str, Any]], n_total: int,
     if n_total < 0 or n_total > sum(have.values()):
         raise ValueError(f"cannot pick {n_total} samples from {sum(have.values())} ({dict(sorted(have.items()))})")
     counts, open_ = {c: 0 for c in sorted(have)}, sorted(have)
+    rank = {c: i for i, c in enumerate(seeded_order(have, seed, "class-balanced"))}
     left = n_total
     while left and open_:
         share = left // len(open_)
@@ -150,21 +153,21 @@ def class_balanced_counts(manifest_rows: Iterable[dict[str, Any]], n_total: int,
         for c in open_:
             counts[c] += share
         left -= share * len(open_)
-        for c in random.Random(derive_seed("class-balanced", seed)).sample(open_, left):
+        for c in sorted(open_, key=rank.__getitem__)[:left]:
             counts[c] += 1
         left = 0
     return counts
 
 
 def class_balanced_keys(manifest_rows: Iterable[dict[str, Any]], n_total: int, seed: int = 0,
-                        classes: Sequence[str] | None = None) -> list[str]:
-    """The keys of a seeded class-balanced choice of ``n_total`` rows (sorted)."""
+                        classes: Sequence[str] | None = None, source: str = "") -> list[str]:
+    """The keys of a seeded class-balanced choice of ``n_total`` rows (sorted); ``source`` (the
+    mix's source name) salts the choice in each class."""
     rows = list(manifest_rows)
     counts = class_balanced_counts(rows, n_total, seed, classes)
     picked: list[str] = []
     for plane, n in counts.items():
-        keys = sorted(r["key"] for r in rows if r.get("plane") == plane)
-        picked += random.Random(derive_seed("class-balanced-keys", seed, plane)).sample(keys, n)
+        picked += choose([r["key"] for r in rows if r.get("plane") == plane], n, seed, source, plane)
     return sorted(picked)
 
 

@@ -11,7 +11,6 @@ with (resize the longer side, pad to a square, the training normalisation) and
 from __future__ import annotations
 
 import json
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -20,55 +19,9 @@ import numpy as np
 import torch
 
 from sonosynth.infra.config import ConfigError
+from sonosynth.infra.model_registry import fetch_model_folder
 
 CLASSIFIER_FILE = "classifier.json"
-MLFLOW_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")
-
-
-def _download_mlflow(uri: str, tracking_uri: str | None) -> Path:
-    """Download an MLflow URI. The tracking and registry URIs are set globally for the call (and
-    restored): mlflow 3.17's ``download_artifacts(registry_uri=...)`` resolves ``models:/`` in
-    the default registry instead (and may find another model of the same name there)."""
-    import mlflow
-
-    before = (mlflow.get_tracking_uri(), mlflow.get_registry_uri()) if tracking_uri else None
-    try:
-        if tracking_uri:
-            mlflow.set_tracking_uri(tracking_uri)
-            mlflow.set_registry_uri(tracking_uri)
-        return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri,
-                                                        dst_path=tempfile.mkdtemp(prefix="classifier-")))
-    except Exception as err:  # noqa: BLE001 - MLflow raises many kinds; say what to fix
-        raise FileNotFoundError(f"cannot fetch the classifier {uri} from MLflow at "
-                                f"{tracking_uri or 'the default tracking URI'}: {str(err).splitlines()[0][:300]}. "
-                                "Check the model name, version or alias and the tracking URI") from None
-    finally:
-        if before is not None:
-            mlflow.set_tracking_uri(before[0])
-            mlflow.set_registry_uri(before[1])
-
-
-def fetch_model_folder(uri: str, tracking_uri: str | None = None, storage=None) -> Path:
-    """A local folder with the files of the model at ``uri`` (downloaded when remote): MLflow URIs
-    here, ``s3://`` and folders through the shared ``sonosynth.trainers.registry`` when present."""
-    if uri.startswith(MLFLOW_SCHEMES):
-        return _download_mlflow(uri, tracking_uri)
-    try:
-        from sonosynth.trainers.registry import fetch_model_folder as shared
-    except ImportError:
-        shared = None
-    if shared is not None:
-        return Path(shared(uri, tracking_uri, what="classifier",
-                           hint="the model/ folder written by `sonosynth train-classifier`", storage=storage))
-    if uri.startswith("s3://"):
-        from sonosynth.infra.storage import open_storage
-
-        store, path = open_storage(uri, storage), Path(tempfile.mkdtemp(prefix="classifier-"))
-        for key in store.list(""):
-            (path / key).parent.mkdir(parents=True, exist_ok=True)
-            (path / key).write_bytes(store.get_bytes(key))
-        return path
-    return Path(uri).expanduser()
 
 
 @dataclass
@@ -112,7 +65,8 @@ def load_classifier(uri: str | Path, tracking_uri: str | None = None, device: st
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    folder = fetch_model_folder(str(uri), tracking_uri, storage)
+    folder = fetch_model_folder(str(uri), tracking_uri, what="classifier", storage=storage,
+                                hint="the model/ folder written by `sonosynth train-classifier`")
     info_path = folder / CLASSIFIER_FILE
     if not info_path.is_file():
         nested = folder / "model" / CLASSIFIER_FILE  # a job's output folder, or runs:/<id> without /model

@@ -2,20 +2,21 @@
 
 The data plan (``sources.plan_data``: real + synthetic sources mixed by count or ratio, one
 label map, a real validation split) is computed from the manifests on every rank. Samples are
-read map-style from the shards (``ShardDataset``), turned into [3, S, S] by the transforms of
-``data.py`` (the train transform draws from the global RNG, which the engine seeds per
-example, so a resumed job sees the same augmentation), and fed to a backbone of ``models.py``.
+read map-style from the shards (``datasets.mix.open_mix``), turned into [3, S, S] by the
+transforms of ``data.py`` (the train transform draws from the global RNG, which the engine
+seeds per example, so a resumed job sees the same augmentation), and fed to a backbone of
+``models.py``.
 
 - loss: cross-entropy, optionally with label smoothing and inverse-frequency class weights
   (``loss``); ``forward`` also returns the batch accuracy (``train/acc``);
-- evaluation: ``val/acc`` and ``val/loss`` (sum, count) plus, per class, ``val/f1/<class>``
-  (2TP, 2TP + FP + FN) and ``val/recall/<class>`` (TP, TP + FN): sums reduced across ranks, so
-  the figures are the whole validation split's. Select the best checkpoint with
-  ``engine.best_metric: val/acc`` (the engine has no hook yet to average the per-class F1 into
-  a macro-F1 after the reduction);
-- BatchNorm: after every training forward the float buffers (running statistics) are
-  broadcast from rank 0, as DDP does, so every rank evaluates the model rank 0 exports and a
-  resumed job evaluates exactly as an uninterrupted one;
+- evaluation: ``val/acc`` and ``val/loss`` (sum, count), and each class's TP, FP and FN,
+  summed over every rank's share; from those ``finalize_metrics`` computes, per class,
+  ``val/f1/<class>`` and ``val/recall/<class>``, and ``val/f1_macro`` (the mean F1 of the
+  classes present in the split, as ``evaluation.classification`` and promotion compute it), so
+  the figures are the whole validation split's and any of them can select the checkpoint
+  (``engine.best_metric``, default ``val/acc``);
+- BatchNorm: the engine broadcasts rank 0's running statistics after every optimizer step, so
+  every rank evaluates the model rank 0 exports;
 - export (rank 0): ``ImageClassifier.save_pretrained`` (weights, ``id2label``,
   ``preprocessor_config.json``) and ``classifier.json`` (backbone, labels, size, normalisation),
   what ``load_classifier`` reads back.
@@ -35,22 +36,21 @@ import torch.nn.functional as F
 from pydantic import model_validator
 from torch.utils.data import Dataset
 
+from sonosynth.datasets.mix import open_mix
 from sonosynth.infra.config import Config, ConfigError
 from sonosynth.infra.seeds import derive_seed
 from sonosynth.trainers.classifier.data import ClassifierAugmentConfig, build_transforms, grayscale_stats
 from sonosynth.trainers.classifier.models import ClassifierModelConfig, ImageClassifier, build_classifier
-from sonosynth.trainers.classifier.sources import ClassifierDataConfig, DataPlan, plan_data
-from sonosynth.trainers.config import EngineConfig, TrainStageConfig
+from sonosynth.trainers.classifier.sources import ClassifierDataConfig, DataPlan, Part, plan_data
+from sonosynth.trainers.config import TrainStageConfig
 from sonosynth.trainers.task import TrainTask, WorkerContext
 from sonosynth.trainers.tasks import register_task
 
 CLASSIFIER_FILE = "classifier.json"
 """What a classifier model folder holds besides the backbone's own files."""
 FORMAT = 1
-ENGINE_DEFAULTS = {"epochs": 20, "micro_batch": 12, "best_metric": "val/acc", "best_mode": "max",
-                   "checkpoint_every": 200, "loader_workers": 2}
-"""FU-LoRA's 20 epochs, global batch 24 on 2 workers, the best val/acc exported; what a recipe's
-engine section leaves out is filled from here (epochs only when max_steps is not given)."""
+COUNTS = "val/counts/"
+"""Prefix of the per-class TP, FP and FN ``eval_step`` sums and ``finalize_metrics`` turns into F1s."""
 
 
 class ClassifierLossConfig(Config):
@@ -77,6 +77,10 @@ class ClassifierTrainConfig(TrainStageConfig):
     experiment: ClassVar[str] = "sonosynth-train-classifier"
     registered_model: ClassVar[str] = "sonosynth-classifier"
     resumable_changes: ClassVar[tuple[str, ...]] = TrainStageConfig.resumable_changes + ("data.cache_dir",)
+    engine_defaults: ClassVar[dict[str, Any]] = {"epochs": 20, "micro_batch": 12, "best_metric": "val/acc",
+                                                 "best_mode": "max", "checkpoint_every": 200, "loader_workers": 2}
+    """FU-LoRA's 20 epochs at global batch 24 (micro-batch 12 on 2 workers), 2 loader workers per
+    rank, the checkpoint with the best val/acc exported (engine.best_metric; null exports the last step)."""
 
     data: ClassifierDataConfig
     """Training sources (mixed by count or ratio), labels and the validation split."""
@@ -86,41 +90,13 @@ class ClassifierTrainConfig(TrainStageConfig):
     """Training augmentation (preset paper: FU-LoRA's; none: the eval transform)."""
     loss: ClassifierLossConfig = ClassifierLossConfig()
     """Cross-entropy options."""
-    engine: EngineConfig = EngineConfig(**ENGINE_DEFAULTS)
-    """Distributed training engine. Unless given: 20 epochs, micro-batch 12 (global batch 24 on 2
-    workers, as FU-LoRA), 2 loader workers per rank, and the checkpoint with the best val/acc is
-    exported (engine.best_metric; null exports the last step)."""
 
-    @model_validator(mode="before")
-    @classmethod
-    def _engine_defaults(cls, data: Any) -> Any:
-        """The classifier's defaults fill what a recipe's engine section leaves out."""
-        if isinstance(data, dict) and isinstance(data.get("engine"), dict):
-            engine = dict(data["engine"])
-            for key, value in ENGINE_DEFAULTS.items():
-                if key != "epochs":
-                    engine.setdefault(key, value)
-            if engine.get("max_steps") is None and engine.get("epochs") is None:
-                engine["epochs"] = ENGINE_DEFAULTS["epochs"]
-            data = {**data, "engine": engine}
-        return data
-
-
-# -- data ---------------------------------------------------------------------------------------
 
 class ClassifierItems(Dataset):
     """Samples of a data plan's parts -> {pixel_values [3,S,S], label, index}."""
 
-    def __init__(self, parts, labels: list[int], transform, cache_dir: str | None, storage):
-        from sonosynth.datasets.indexed import ShardDataset, mix_indexed
-
-        self.mix = mix_indexed([ShardDataset(p.dataset, keys=p.keys, storage=storage, cache_dir=cache_dir)
-                                for p in parts])
-        expected = [k for p in parts for k in p.keys]
-        if self.mix.keys() != expected:
-            missing = sorted(set(expected) - set(self.mix.keys()))
-            raise ConfigError(f"{len(missing)} samples of the manifests are not in their datasets "
-                              f"(e.g. {missing[:3]}); re-run the stage that wrote them")
+    def __init__(self, parts: list[Part], labels: list[int], transform, cache_dir: str | None, storage):
+        self.mix = open_mix(parts, storage, cache_dir)
         self.labels, self.transform = labels, transform
 
     def __len__(self) -> int:
@@ -142,8 +118,6 @@ def pixel_stats(items: ClassifierItems, n: int, seed: int) -> tuple[float, float
     return grayscale_stats(items.image(i) for i in chosen)
 
 
-# -- the module -----------------------------------------------------------------------------------
-
 class ClassifierModule(torch.nn.Module):
     """What DeepSpeed wraps: ``forward(batch, generator) -> (cross-entropy, {"acc": ...})``."""
 
@@ -159,30 +133,9 @@ class ClassifierModule(torch.nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None):
         logits = self.logits(batch["pixel_values"])
-        if self.training:
-            sync_buffers(self.net)
         weight = self.class_weights.to(logits.device) if self.class_weights is not None else None
         loss = F.cross_entropy(logits, batch["label"], weight=weight, label_smoothing=self.label_smoothing)
         return loss, {"acc": (logits.argmax(1) == batch["label"]).float().mean()}
-
-
-@torch.no_grad()
-def sync_buffers(net: torch.nn.Module) -> None:
-    """Broadcast rank 0's floating-point buffers (BatchNorm running statistics) to every rank."""
-    import torch.distributed as dist
-
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return
-    buffers = [b for b in net.buffers() if b.is_floating_point()]
-    if not buffers:
-        return
-    flat = torch.cat([b.reshape(-1).float() for b in buffers])
-    dist.broadcast(flat, 0)
-    offset = 0
-    for b in buffers:  # through .data: autograd saved these tensors, and training-mode BatchNorm's
-        # backward never reads their values (it uses the batch statistics)
-        b.data.copy_(flat[offset:offset + b.numel()].view_as(b).to(b.dtype))
-        offset += b.numel()
 
 
 def class_weights(labels: list[int], k: int) -> torch.Tensor:
@@ -193,7 +146,20 @@ def class_weights(labels: list[int], k: int) -> torch.Tensor:
     return w.float()
 
 
-# -- the task -------------------------------------------------------------------------------------
+def f1_by_class(reduced: dict[str, float], classes: list[str]) -> dict[str, float]:
+    """``val/f1/<c>`` and ``val/recall/<c>`` of the classes where they are defined, and
+    ``val/f1_macro``, the mean F1 of the classes present (TP + FN > 0), from summed TP, FP, FN."""
+    out, present = {}, []
+    for c in classes:
+        tp, fp, fn = (reduced.get(f"{COUNTS}{c}/{x}", 0.0) for x in ("tp", "fp", "fn"))
+        if 2 * tp + fp + fn > 0:
+            out[f"val/f1/{c}"] = 2 * tp / (2 * tp + fp + fn)
+        if tp + fn > 0:
+            out[f"val/recall/{c}"] = tp / (tp + fn)
+            present.append(out[f"val/f1/{c}"])
+    if present:
+        out["val/f1_macro"] = sum(present) / len(present)
+    return out
 
 @register_task("classifier")
 class ClassifierTask(TrainTask):
@@ -220,7 +186,6 @@ class ClassifierTask(TrainTask):
         val_labels = [self.plan.labels.index(p.planes[k], k) for p in self.plan.val for k in p.keys]
         self.val_items = ClassifierItems(self.plan.val, val_labels, eval_tf, d.cache_dir, cfg.storage)
 
-    # -- engine interface -----------------------------------------------------------------------
     def train_dataset(self) -> ClassifierItems:
         return self.train_items
 
@@ -239,12 +204,14 @@ class ClassifierTask(TrainTask):
         out: dict[str, Any] = {"val/acc": ((pred == y).sum(), n),
                                "val/loss": (F.cross_entropy(logits, y, reduction="sum"), n)}
         for c, name in enumerate(self.classes):
-            tp = ((pred == c) & (y == c)).sum()
-            fp = ((pred == c) & (y != c)).sum()
-            fn = ((pred != c) & (y == c)).sum()
-            out[f"val/f1/{name}"] = (2 * tp, 2 * tp + fp + fn)
-            out[f"val/recall/{name}"] = (tp, tp + fn)
+            out[f"{COUNTS}{name}/tp"] = ((pred == c) & (y == c)).sum()
+            out[f"{COUNTS}{name}/fp"] = ((pred == c) & (y != c)).sum()
+            out[f"{COUNTS}{name}/fn"] = ((pred != c) & (y == c)).sum()
         return out
+
+    def finalize_metrics(self, reduced: dict[str, float]) -> dict[str, float]:
+        kept = {k: v for k, v in reduced.items() if not k.startswith(COUNTS)}
+        return {**kept, **f1_by_class(reduced, self.classes)}
 
     def on_start(self, tracker) -> None:
         from sonosynth.datasets.preview import tile_images

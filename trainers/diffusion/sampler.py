@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -76,30 +75,10 @@ class SampleSpec:
 
 def fetch_lora(source: str, tracking_uri: str | None = None) -> Path:
     """A local folder holding the LoRA (downloaded from S3 or MLflow when needed)."""
-    if source.startswith(("models:/", "runs:/", "mlflow-artifacts:/")):
-        import mlflow
+    from sonosynth.infra.model_registry import fetch_model_folder
 
-        if tracking_uri:
-            mlflow.set_tracking_uri(tracking_uri)
-            mlflow.set_registry_uri(tracking_uri)
-        try:
-            path = Path(mlflow.artifacts.download_artifacts(source, dst_path=tempfile.mkdtemp(prefix="lora-")))
-        except Exception as err:  # noqa: BLE001 - MLflow raises many kinds; say what to fix
-            raise FileNotFoundError(f"cannot fetch LoRA {source} from MLflow at {tracking_uri or 'default'}: "
-                                    f"{err}. Check the model name/alias and tracking.uri") from None
-    elif source.startswith("s3://"):
-        from sonosynth.infra.storage import open_storage
-
-        storage, path = open_storage(source), Path(tempfile.mkdtemp(prefix="lora-"))
-        for key in storage.list(""):
-            (path / key).parent.mkdir(parents=True, exist_ok=True)
-            (path / key).write_bytes(storage.get_bytes(key))
-    else:
-        path = Path(source).expanduser()
-    if not (path / WEIGHTS_NAME).is_file():
-        raise FileNotFoundError(f"{source} holds no {WEIGHTS_NAME}: point sampler.lora at the model/ folder "
-                                "written by `sonosynth train-lora`, or at its MLflow model")
-    return path
+    return fetch_model_folder(source, tracking_uri, required=WEIGHTS_NAME, what="LoRA",
+                              hint="the model/ folder written by `sonosynth train-lora`, or its MLflow model")
 
 
 def weights_sha256(folder: Path) -> str:

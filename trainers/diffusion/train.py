@@ -1,9 +1,10 @@
 """The ``train-lora`` stage: a Stable Diffusion LoRA in joint (paper A) or class (FU-LoRA) mode.
 
 The VAE and (unless it gets its own LoRA) the text encoder are frozen, so latents and text
-embeddings are computed once and cached: each rank encodes its share, the shares are
-gathered. Per step only the UNet runs. The cached latent keeps the VAE's mean and std, and
-a fresh latent is drawn from them every step, exactly as encoding every step would.
+embeddings are computed once and cached (latents with the engine's ``encode_once``: each rank
+encodes its share, the shares are gathered). Per step only the UNet runs. The cached latent
+keeps the VAE's mean and std, and a fresh latent is drawn from them every step, exactly as
+encoding every step would.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from sonosynth.trainers.config import TrainStageConfig
 from sonosynth.trainers.diffusion.data import Example, ExampleDataset, LoraDataConfig, load_examples
 from sonosynth.trainers.diffusion.lora import LoraConfig, add_lora, lora_parameters, save_lora
 from sonosynth.trainers.diffusion.models import DiffusionModelConfig, build_components, build_pipeline
-from sonosynth.trainers.task import TrainTask, WorkerContext
+from sonosynth.trainers.task import TrainTask, WorkerContext, encode_once
 from sonosynth.trainers.tasks import register_task
 
 
@@ -178,31 +179,19 @@ class LoraTask(TrainTask):
         if self.text_cache is not None:
             parts.text_encoder.to("cpu")
 
-    # -- caches ---------------------------------------------------------------------------
     @torch.no_grad()
     def _encode_prompts(self) -> torch.Tensor:
         ids = self.prompt_ids.to(self.ctx.device)
         return encode_prompt_ids(self.parts.text_encoder, ids, self.cfg.model.clip_skip).cpu()
 
-    @torch.no_grad()
     def _encode_latents(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each rank encodes every world-th example; the shares are gathered on all ranks."""
-        mine = list(range(self.ctx.rank, len(self.examples), self.ctx.world))
-        encoded = {}
-        for i in range(0, len(mine), 8):
-            chunk = mine[i:i + 8]
-            pixels = torch.stack([self.examples[j].pixels for j in chunk]).to(self.ctx.device)
+        """The VAE's (mean, std) of every example, each encoded once in the whole job."""
+        def mean_std(pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             dist = self.parts.vae.encode(pixels).latent_dist
-            for j, m, s in zip(chunk, dist.mean.cpu(), dist.std.cpu()):
-                encoded[j] = (m, s)
-        gathered: dict[int, tuple] = {}
-        for part in self.ctx.all_gather(encoded):
-            gathered.update(part)
-        mean = torch.stack([gathered[j][0] for j in range(len(self.examples))])
-        std = torch.stack([gathered[j][1] for j in range(len(self.examples))])
-        return mean, std
+            return dist.mean, dist.std
 
-    # -- engine interface -----------------------------------------------------------------
+        return encode_once(self.ctx, len(self.examples), lambda i: self.examples[i].pixels, mean_std)
+
     def train_dataset(self) -> ExampleDataset:
         return ExampleDataset(self.examples, self.prompt_row, self.latent_cache)
 

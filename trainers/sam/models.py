@@ -236,13 +236,6 @@ def build_sam(cfg: SamModelConfig):
     return sam.eval()
 
 
-def freeze(sam: torch.nn.Module, trainable: tuple[str, ...] = ("mask_decoder",)) -> list[torch.nn.Parameter]:
-    """Train only the named parts (paper A: the mask decoder); returns the trainable parameters."""
-    for name, part in sam.named_children():
-        part.requires_grad_(name in trainable)
-    return [p for p in sam.parameters() if p.requires_grad]
-
-
 def embed(sam, images: torch.Tensor, grad: bool = False) -> torch.Tensor:
     """Image embeddings [B, prompt_dim, g, g] of preprocessed images [B, 3, S, S] (no grad by
     default: paper A freezes the image encoder)."""
@@ -407,7 +400,7 @@ def load_sam_model(uri: str, tracking_uri: str | None = None, *, base_checkpoint
     import yaml
 
     from sonosynth.infra.config import build
-    from sonosynth.trainers.registry import model_folder
+    from sonosynth.infra.model_registry import model_folder
 
     with model_folder(uri, tracking_uri, required=WEIGHTS_FILE, what="SAM model",
                       hint="the model/ folder written by `sonosynth train-sam`, or its MLflow model "

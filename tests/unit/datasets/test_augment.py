@@ -6,7 +6,7 @@ import torch
 
 from sonosynth.datasets.augment import (
     SAM_PIXEL_MEAN, SAM_PIXEL_STD, AugmentConfig, PairedAugment, box_from_mask, boxes_to_input, build_transform,
-    full_box, logit_target, sam_example, sam_preprocess, tight_box,
+    full_box, logit_target, sam_preprocess, tight_box,
 )
 from sonosynth.infra.config import ConfigError, build
 
@@ -142,14 +142,3 @@ def test_logit_target_sits_where_the_image_sits():
     rows = t[0].any(1).nonzero().flatten()
     assert rows.max() == 21 and t[0, :, :16].sum() == 0 and t[0, :21, 16:].all()
 
-
-def test_sam_example_boxes_come_from_the_augmented_mask():
-    mask = _l_shape()
-    aug = PairedAugment("strong", seed=0)
-    ex = sam_example(_image_of(mask), mask, augment=aug, image_size=64, low_res=32, jitter_px=0, index=4)
-    _, m = aug(_image_of(mask), mask, index=4)
-    assert np.array_equal(ex["box_px"], tight_box(m))
-    assert ex["image"].shape == (3, 64, 64) and ex["target"].shape == (1, 32, 32) and not ex["empty"]
-    assert torch.allclose(ex["box"], torch.from_numpy(boxes_to_input(tight_box(m)[None], (H, W), 64)[0]))
-    empty = sam_example(_image_of(mask), np.zeros_like(mask), augment=aug, image_size=64, low_res=32)
-    assert empty["empty"] and np.array_equal(empty["box_px"], full_box((H, W))) and empty["target"].sum() == 0

@@ -100,3 +100,22 @@ def test_of_racing_processes_exactly_one_wins(root, monkeypatch):
 def test_a_bad_ttl_is_refused():
     with pytest.raises(ValueError, match="ttl_s must be positive"):
         Lease("/tmp/x", KEY, ttl_s=0)
+
+
+def test_a_holder_whose_process_is_gone_from_this_host_loses_the_lease_at_once(root):
+    import socket
+
+    from sonosynth.infra.storage import open_storage
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid, now = int(gone.stdout), time.time()
+    for host, taken in (("another-host", False), (socket.gethostname(), True)):
+        open_storage(root).put_text(KEY, json.dumps({"owner": f"{host}-{dead_pid}", "host": host, "pid": dead_pid,
+                                                     "acquired": now, "expires": now + 600}))
+        lease = Lease(root, KEY, ttl_s=60)
+        if taken:
+            assert lease.acquire().host == host and read_holder(root)["owner"] == lease.me
+            lease.release()
+        else:  # its process cannot be seen from here: only the expiry frees the output
+            with pytest.raises(LeaseHeld, match="host another-host"):
+                lease.acquire()

@@ -66,8 +66,9 @@ def test_config_lists_documented_fields_stages_and_recipes():
 def test_every_stage_verb_takes_the_recipe_first(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("out: x\nnot_a_field: 1\n")
-    for verb in ("ingest", "train-lora", "train-sam", "train-classifier", "generate", "evaluate", "sweep",
-                 "pipeline"):
+    from sonosynth.launch.stages import STAGES
+
+    for verb in STAGES:
         res = _run(verb, str(bad))
         assert res.returncode == 2 and "not_a_field: unknown key" in res.stderr, (verb, res.stderr)
         res = _run(verb, "no_such_recipe")

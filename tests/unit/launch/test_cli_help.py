@@ -12,7 +12,8 @@ import pytest
 
 SONOSYNTH = str(Path(sys.executable).with_name("sonosynth"))
 VERBS = ["ingest", "train-lora", "generate", "train-sam", "train-classifier", "evaluate", "sweep", "inspect",
-         "demo", "config", "tracking-replay", "pipeline", "promote", "rollback", "stack", "submit", "jobs", "k8s"]
+         "demo", "config", "tracking-replay", "pipeline", "promote", "champion", "stack", "submit", "jobs", "k8s"]
+SUBCOMMANDS = ["champion set", "champion rollback", "champion show", "k8s render"]
 
 
 def _help(*args: str) -> str:
@@ -44,9 +45,9 @@ def test_top_level_help_lists_every_verb_and_the_exit_codes():
     assert "Exit status: 0 done; 1" in text and "2 a" in text
 
 
-@pytest.mark.parametrize("verb", VERBS)
+@pytest.mark.parametrize("verb", VERBS + SUBCOMMANDS)
 def test_help_is_clean_at_80_columns_and_every_option_has_a_description(verb):
-    text = _help(verb)
+    text = _help(*verb.split())
     lines = text.split("\n")
     assert max(len(line) for line in lines) <= 80, [line for line in lines if len(line) > 80]
     assert not any(ch in text for ch in "╭│╰─"), "help must render as plain text, not boxes"

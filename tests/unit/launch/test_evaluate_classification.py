@@ -13,8 +13,9 @@ import pytest
 
 from sonosynth.infra.config import ConfigError, build
 from sonosynth.launch.evaluate.classification import (
-    ClassificationEvalConfig, read_predictions_csv, run_classification,
+    read_predictions_csv, run_classification,
 )
+from sonosynth.launch.evaluate.segmentation import EvaluateConfig
 from sonosynth.trainers.evaluation.classification import classification_metrics
 
 PLANES = ["abdomen", "brain", "femur", "thorax"]
@@ -47,9 +48,9 @@ def write_csv(path: Path, rows: list[dict], classes: list[str], prefix: str = "p
     return np.array(probs)
 
 
-def cfg(tmp_path: Path, mlflow: bool = False, **kw) -> ClassificationEvalConfig:
+def cfg(tmp_path: Path, mlflow: bool = False, **kw) -> EvaluateConfig:
     tracking = {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"} if mlflow else {"enabled": False}
-    return build(ClassificationEvalConfig, {"out": str(tmp_path / "eval"), "progress": False, "tracking": tracking,
+    return build(EvaluateConfig, {"out": str(tmp_path / "eval"), "progress": False, "tracking": tracking,
                                             **kw})
 
 
@@ -66,7 +67,7 @@ def test_predictions_csv_is_scored_per_image_with_tables_plot_and_mlflow(phantom
     for name in ("accuracy", "f1_macro", "f1_weighted", "precision_macro", "recall_macro", "auc_ovr_macro",
                  "auc_paper_hard_label"):
         assert summary[name] == pytest.approx(expected.figures[name]), name
-    assert summary["n"] == len(rows) and summary["classes"] == PLANES and summary["per_centre"].keys() == {"unknown"}
+    assert summary["n"] == len(rows) and summary["classes"] == PLANES and summary["by_cohort"].keys() == {"unknown"}
     table = pq.read_table(out / "per_image.parquet").to_pylist()
     assert [t["key"] for t in table] == [r["key"] for r in rows]
     assert all(t["correct"] == (t["true"] == t["predicted"]) for t in table)
@@ -130,7 +131,7 @@ def test_a_saved_model_is_scored_and_the_config_rules(phantom, tmp_path):
     with pytest.raises(ConfigError, match="do not match the model's label map"):
         run_classification(cfg(tmp_path, dataset=str(phantom), model=str(folder), labels=["brain", "femur"],
                                out=str(tmp_path / "e2")))
-    with pytest.raises(ConfigError, match="not both"):
+    with pytest.raises(ConfigError, match="give one of predictions=FOLDER, model=URI or predictions_csv=FILE, not"):
         cfg(tmp_path, dataset="d", model="m", predictions_csv="p.csv")
     with pytest.raises(ConfigError, match="nothing to evaluate"):
         cfg(tmp_path, dataset="d")
@@ -182,12 +183,12 @@ def test_per_centre_figures_on_the_african_sample(shared_data, tmp_path):
                                     paper_compatible=True))
     s = report.figures
     centres = sorted({r["country"] for r in rows})
-    assert sorted(s["per_centre"]) == centres and sum(f["n"] for f in s["per_centre"].values()) == len(rows)
+    assert sorted(s["by_cohort"]) == centres and sum(f["n"] for f in s["by_cohort"].values()) == len(rows)
     assert s["present"] == sorted({r["plane"] for r in rows}) and "other" not in s["present"]
     assert s["per_class"]["other"]["support"] == 0  # the model's class the African set lacks keeps its column
     expected = classification_metrics([r["plane"] for r in rows], probs, ["abdomen", "brain", "femur", "other",
                                                                           "thorax"],
                                       groups=[r["country"] for r in rows])
     for g in centres:
-        assert s["per_centre"][g]["accuracy"] == pytest.approx(expected.per_group[g].figures["accuracy"])
+        assert s["by_cohort"][g]["accuracy"] == pytest.approx(expected.per_group[g].figures["accuracy"])
     assert all(f"{g}: " in report.text for g in centres)

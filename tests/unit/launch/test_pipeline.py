@@ -8,7 +8,6 @@ its own (the pipeline records its run), ``toy-model`` tracks itself like the rea
 from __future__ import annotations
 
 import json
-from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,8 @@ from sonosynth.infra.stage import Report, StageFailed
 from sonosynth.infra.storage import open_storage
 from sonosynth.infra.tracking import OFFLINE_FILE, Tracker, TrackingConfig
 from sonosynth.launch import stages
-from sonosynth.launch.pipeline import DONE, PipelineFailed, plan, resolve_pipeline, run
+from sonosynth.launch.pipeline import PipelineFailed, plan, resolve_pipeline, run
+from sonosynth.launch.pipeline.config import DONE
 
 RUNS: list[str] = []
 
@@ -147,46 +147,7 @@ def test_recipe_errors_name_the_section_and_the_fix(tmp_path):
         resolve_pipeline(str(recipe(tmp_path)), {"only": "nope"}, [])
 
 
-class Tables(HTMLParser):
-    """Tables by id (rows of cell texts) and the data: URIs of the images."""
-
-    def __init__(self):
-        super().__init__()
-        self.tables: dict[str, list[list[str]]] = {}
-        self.images: list[str] = []
-        self._table = None
-        self._cell: list[str] | None = None
-
-    def handle_starttag(self, tag, attrs):
-        attrs = dict(attrs)
-        if tag == "table":
-            self._table = self.tables.setdefault(attrs.get("id", ""), [])
-        elif tag == "tr" and self._table is not None:
-            self._table.append([])
-        elif tag in ("td", "th") and self._table is not None:
-            self._cell = []
-        elif tag == "img":
-            self.images.append(attrs.get("src", ""))
-
-    def handle_endtag(self, tag):
-        if tag in ("td", "th") and self._cell is not None:
-            self._table[-1].append("".join(self._cell))
-            self._cell = None
-        elif tag == "table":
-            self._table = None
-
-    def handle_data(self, data):
-        if self._cell is not None:
-            self._cell.append(data)
-
-
-def report_tables(out: Path) -> Tables:
-    parser = Tables()
-    parser.feed((out / "report.html").read_text())
-    return parser
-
-
-def test_finished_sections_are_skipped_and_a_change_reruns_only_what_it_feeds(tmp_path):
+def test_finished_sections_are_skipped_and_a_change_reruns_only_what_it_feeds(tmp_path, read_report):
     path = recipe(tmp_path)
     out, uri = tmp_path / "out", f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}"
     report = run(resolve_pipeline(str(path), {}, []))
@@ -213,7 +174,7 @@ def test_finished_sections_are_skipped_and_a_change_reruns_only_what_it_feeds(tm
     assert model_row["inputs"] == f"data={out}/src/{rows[0]['key']}/data.txt"
     assert model_row["outputs"] == f"model={out}/model/{model_row['key']}/model.txt"
     assert model_row["mlflow_run"] and (out / "model" / model_row["key"] / DONE).is_file()
-    tables = report_tables(out)
+    tables = read_report(out / "report.html")
     lineage = tables.tables["lineage-table"]
     assert lineage[0][:4] == ["section", "stage", "status", "key"] and [r[0] for r in lineage[1:]] == ["src", "model"]
     assert json.loads((out / "pipeline.json").read_text())["status"] == "FINISHED"
@@ -284,7 +245,7 @@ def test_a_down_tracking_server_does_not_stop_the_pipeline_and_is_replayed_later
 
 @pytest.mark.skipif("train-sam" not in stages.STAGES, reason="the train-sam stage is not registered yet")
 def test_the_demo_recipe_wires_every_section_and_leaves_out_the_real_samples_when_absent(tmp_path):
-    from sonosynth.launch.pipeline import DROP, KEEP, _walk
+    from sonosynth.launch.pipeline.expressions import DROP, KEEP, _walk
 
     cfg = resolve_pipeline("demo", {"out": str(tmp_path)}, [f"hc18.if_exists={tmp_path / 'no-data'}"])
     steps = {s.section: s for s in plan(cfg)}

@@ -68,3 +68,30 @@ def test_identity_leaves_out_what_a_resume_may_change():
     assert a.job_identity() == b.job_identity()
     assert job_fingerprint(a) != job_fingerprint(b)  # a longer job is not the finished one
     assert lora_cfg(best_metric="eval/loss").job_identity() != a.job_identity()
+
+
+class Defaults(TrainStageConfig):
+    task: ClassVar[str] = "lora"
+    engine_defaults: ClassVar[dict] = {"epochs": 20, "micro_batch": 5, "best_metric": "val/dice"}
+
+
+@pytest.mark.parametrize("given, want", [
+    (None, {"epochs": 20, "max_steps": None, "micro_batch": 5, "best_metric": "val/dice"}),
+    ({"workers": 1}, {"epochs": 20, "micro_batch": 5, "workers": 1}),
+    ({"max_steps": 3}, {"epochs": None, "max_steps": 3, "micro_batch": 5}),  # the recipe's length, not the stage's
+    ({"epochs": 2, "max_steps": None}, {"epochs": 2, "max_steps": None}),
+    ({"max_steps": None, "epochs": None}, {"epochs": 20, "max_steps": None}),
+    ({"micro_batch": 2, "best_metric": None}, {"micro_batch": 2, "best_metric": None}),  # the recipe's own win
+    (EngineConfig(max_steps=7, grad_accum=2), {"max_steps": 7, "grad_accum": 2, "micro_batch": 5}),
+])
+def test_the_stage_engine_defaults_fill_what_the_engine_section_leaves_out(given, want):
+    data = {"out": "o"} if given is None else {"out": "o", "engine": given}
+    engine = build(Defaults, data).engine
+    assert {k: getattr(engine, k) for k in want} == want
+
+
+def test_a_stage_without_engine_defaults_of_its_own_has_the_bases():
+    assert build(LoraTrainConfig, {"out": "o", "data": {"dataset": "x"}}).engine.max_steps == 100
+    cfg = build(LoraTrainConfig, {"out": "o", "data": {"dataset": "x"}, "engine": {"workers": 1}})
+    assert (cfg.engine.max_steps, cfg.engine.micro_batch) == (100, 1)
+    assert build(LoraTrainConfig, cfg.to_dict()) == cfg  # the resolved config.yaml builds the same config

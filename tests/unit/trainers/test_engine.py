@@ -10,9 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from sonosynth.trainers.engine import (SeededExamples, ShareBatches, StepBatches, TrainMeter, TrainTask,
-                                       WorkerContext, evaluate, example_indices, improves, noise_seed,
-                                       split_output, to_device)
+from sonosynth.infra.config import ConfigError
+from sonosynth.trainers.batching import (SeededExamples, ShareBatches, StepBatches, example_indices, noise_seed,
+                                         to_device)
+from sonosynth.trainers.engine import JobState, broadcast_buffers, task_datasets
+from sonosynth.trainers.metrics import TrainMeter, combine, evaluate, improves, split_output
+from sonosynth.trainers.task import TrainTask, WorkerContext, encode_once
 
 TOY = Path(__file__).resolve().parents[2] / "integration" / "toy_task.py"
 
@@ -121,6 +124,84 @@ def test_evaluation_averages_sums_over_counts_and_sums_bare_values():
     assert module.training
 
 
+def test_every_ranks_share_is_combined_then_the_task_finalizes():
+    shares = [{"val/mean": (3.0, 2.0), "val/n": (2.0, None), "val/none": (0.0, 0.0)},
+              {},  # a rank whose share of the validation set is empty
+              {"val/mean": (6.0, 1.0), "val/n": (1.0, None), "val/none": (0.0, 0.0)}]
+    assert combine(shares) == {"val/mean": 3.0, "val/n": 3.0}  # a name whose counts add to 0 is left out
+
+    class Ratio(Sums):
+        def finalize_metrics(self, reduced):
+            return {**reduced, "val/ratio": reduced["val/mean"] / reduced["val/count"]}
+
+    module = torch.nn.Linear(1, 1)
+    got = evaluate(Ratio(None, ctx1()), module, [torch.tensor([1.0, 2.0]), torch.tensor([6.0])], ctx1())
+    assert got == {"val/mean": 3.0, "val/count": 3.0, "val/ratio": 1.0}
+
+
+def test_encode_once_stacks_every_example_in_order():
+    def load(i):
+        return torch.full((2,), float(i))
+
+    one = encode_once(ctx1(), 5, load, lambda x: x * 10, chunk=2)
+    assert torch.equal(one, torch.arange(5.0)[:, None].expand(5, 2) * 10)
+    mean, std = encode_once(ctx1(), 3, load, lambda x: (x, x + 1))
+    assert mean.shape == (3, 2) and torch.equal(std[:, 0], torch.tensor([1.0, 2.0, 3.0]))
+
+
+def test_encode_once_gathers_the_shares_of_every_rank():
+    class TwoRanks(WorkerContext):
+        """Rank 1 of 2; rank 0's share (the even examples) comes from a stand-in gather."""
+
+        def all_gather(self, obj):
+            return [{i: torch.full((2,), -float(i)) for i in range(0, 5, 2)}, obj]
+
+    got = encode_once(TwoRanks(1, 2, 0, torch.device("cpu"), None), 5, lambda i: torch.full((2,), float(i)),
+                      lambda x: x)
+    assert got[:, 0].tolist() == [0.0, 1.0, -2.0, 3.0, -4.0]  # odd examples encoded here, even ones by rank 0
+
+
+def test_buffer_broadcast_is_a_no_op_on_one_process():
+    bn = torch.nn.BatchNorm1d(3)
+    bn.running_mean += 1
+    broadcast_buffers(bn)
+    assert torch.equal(bn.running_mean, torch.ones(3))
+
+
+def test_job_state_round_trips_through_a_checkpoint_record():
+    state = JobState(resumed_from_step=4, eval_last={"val/acc": 0.5}, loss_first=1.0,
+                     best={"metric": "val/acc", "mode": "max", "value": 0.5, "step": 4, "metrics": {"val/acc": 0.5}})
+    record = json.loads(json.dumps(state.to_checkpoint()))  # what _COMPLETE.json holds
+    assert JobState.from_checkpoint(record) == state
+    assert JobState.from_checkpoint({}) == JobState()  # a checkpoint without state, e.g. from an older job
+
+
+class Sized(TrainTask):
+    def __init__(self, cfg, ctx, n_train=3, n_eval=0):
+        super().__init__(cfg, ctx)
+        self.n_train, self.n_eval = n_train, n_eval
+
+    def train_dataset(self):
+        return list(range(self.n_train))
+
+    def eval_dataset(self):
+        return list(range(self.n_eval))
+
+
+def test_an_empty_validation_set_is_no_evaluation_and_refused_while_best_metric_needs_one():
+    from types import SimpleNamespace
+
+    def cfg(best_metric):
+        return SimpleNamespace(task="toy", engine=SimpleNamespace(best_metric=best_metric))
+
+    assert task_datasets(cfg(None), Sized(None, ctx1()))[1] is None
+    assert len(task_datasets(cfg("val/acc"), Sized(None, ctx1(), n_eval=2))[1]) == 2
+    with pytest.raises(ConfigError, match=r"best_metric=val/acc chooses .*'toy' task's is empty.*best_metric=null"):
+        task_datasets(cfg("val/acc"), Sized(None, ctx1()))
+    with pytest.raises(ValueError, match="no training examples"):
+        task_datasets(cfg(None), Sized(None, ctx1(), n_train=0))
+
+
 def test_best_is_strictly_better_in_its_mode():
     assert improves(0.5, None, "max") and not improves(float("nan"), None, "max")
     assert improves(0.6, {"value": 0.5}, "max") and not improves(0.5, {"value": 0.5}, "max")
@@ -181,7 +262,5 @@ def test_one_rank_trains_exports_the_best_and_resumes_exactly(toy, one_rank, tmp
 
 
 def test_best_metric_must_be_an_evaluation_metric(toy, one_rank, tmp_path):
-    from sonosynth.infra.config import ConfigError
-
     with pytest.raises(ConfigError, match=r"best_metric=val/dice is not among .*\(val/acc, val/loss\)"):
         train_toy(toy, tmp_path / "o", max_steps=2, best_metric="val/dice")

@@ -77,6 +77,11 @@ def test_class_balanced_keys_are_seeded_and_balanced():
     assert keys != class_balanced_keys(es, 30, seed=4)
     assert Counter(k.split("-")[1] for k in keys) == {"abdomen": 10, "brain": 10, "other": 10}
     assert len(set(keys)) == 30
+    # nested, as the mix's choice: a smaller total takes a subset of a larger one, class by class
+    scarce = _rows({"abdomen": 7, "brain": 90, "other": 20})
+    picks = [set(class_balanced_keys(scarce, n, seed=3, source="real")) for n in range(0, 118, 5)]
+    assert all(a <= b for a, b in zip(picks, picks[1:]))
+    assert class_balanced_keys(es, 30, seed=3, source="other") != keys  # each source its own draw
 
 
 def _image(h=60, w=90, seed=0) -> np.ndarray:

@@ -13,9 +13,7 @@ import torch
 
 from sonosynth.infra.config import ConfigError, build
 from sonosynth.trainers.classifier.sources import ClassifierDataConfig, plan_data
-from sonosynth.trainers.classifier.train import (
-    ClassifierTask, ClassifierTrainConfig, class_weights, sync_buffers,
-)
+from sonosynth.trainers.classifier.train import ClassifierTask, ClassifierTrainConfig, class_weights, f1_by_class
 
 PLANES = ["abdomen", "brain", "femur", "thorax"]
 
@@ -69,13 +67,14 @@ def test_named_sources_and_what_dataset_sets():
         data_cfg()
     with pytest.raises(ConfigError, match="no training data"):
         data_cfg(sources={"real": {"dataset": "a", "count": 0}})
-    with pytest.raises(ConfigError, match="count or ratio, not both"):
+    with pytest.raises(ConfigError, match="count, fraction or ratio, not two"):
         data_cfg(sources={"a": {"dataset": "a", "count": 3, "ratio": 0.5}})
     with pytest.raises(ConfigError, match="at least one source needs no ratio"):
         data_cfg(sources={"a": {"dataset": "a", "ratio": 0.5}})
     with pytest.raises(ConfigError, match="holdout must be in"):
         data_cfg(**real("a", validation={"holdout": 1.5}))
-    with pytest.raises(ConfigError, match="leak it into the scores"):
+    with pytest.raises(ConfigError, match=r"data.sources.real takes the test split of a: .*leak it into the scores; "
+                                          r"set data.sources.real.split=train"):
         data_cfg(sources={"real": {"dataset": "a", "split": "test"}})
     with pytest.raises(ConfigError, match="must not be test"):
         data_cfg(**real("a", validation={"split": "test"}))
@@ -105,12 +104,14 @@ def test_plan_takes_the_train_split_and_validates_on_val(data):
     plan = plan_data(data_cfg(**real(data["planes"])))
     assert list(plan.labels.classes) == PLANES
     (train,), (val,) = plan.train, plan.val
-    assert set(train.keys).isdisjoint(val.keys) and val.role == "validation (val split)"
+    assert set(train.keys).isdisjoint(val.keys) and val.name == "validation (val split)"
     from sonosynth.datasets.indexed import ShardDataset
 
     assert train.keys == ShardDataset(data["planes"], split="train").keys()
     assert val.keys == ShardDataset(data["planes"], split="val").keys()
     assert len(plan.train_labels()) == len(train.keys) and plan.lineage()["labels"] == PLANES
+    record = plan.lineage()["sources"]["real"]
+    assert record["examples"] == len(train.keys) and sum(record["per_class"].values()) == len(train.keys)
 
 
 def test_counts_are_exact_seeded_and_class_balanced(data):
@@ -123,6 +124,12 @@ def test_counts_are_exact_seeded_and_class_balanced(data):
     assert other_seed.train[0].keys != plan.train[0].keys
     plain = plan_data(data_cfg(sources={"real": {"dataset": data["planes"], "count": 13}})).train[0]
     assert len(plain.keys) == 13
+    more = plan_data(data_cfg(sources={"real": {"dataset": data["planes"], "count": 30}})).train[0]
+    assert set(plain.keys) < set(more.keys)  # nested: the mix's one choice
+    fewer = plan_data(data_cfg(sources={"real": {"dataset": data["planes"], "count": 12, "class_balanced": True}}))
+    assert set(fewer.train[0].keys) < set(plan.train[0].keys)  # class-balanced too
+    half = plan_data(data_cfg(sources={"real": {"dataset": data["planes"], "fraction": 0.5}})).train[0]
+    assert len(half.keys) == round(0.5 * half.available)
     rarest = plan_data(data_cfg(sources={"real": {"dataset": data["planes"],
                                                   "class_balanced": True}})).train[0].counts()
     assert len(set(rarest.values())) == 1  # as many of each class as the rarest has
@@ -182,11 +189,21 @@ def test_class_weights_are_inverse_frequency():
     assert torch.allclose(w, torch.tensor([4 / 6, 2.0, 0.0]))
 
 
-def test_sync_buffers_is_a_no_op_on_one_process():
-    bn = torch.nn.BatchNorm1d(3)
-    bn.running_mean += 1
-    sync_buffers(bn)
-    assert torch.equal(bn.running_mean, torch.ones(3))
+def test_f1_comes_from_the_summed_counts_and_its_macro_mean_from_the_classes_present():
+    counts = {"val/counts/a/tp": 3.0, "val/counts/a/fp": 1.0, "val/counts/a/fn": 1.0,
+              "val/counts/b/tp": 0.0, "val/counts/b/fp": 0.0, "val/counts/b/fn": 2.0,
+              "val/counts/c/tp": 0.0, "val/counts/c/fp": 1.0, "val/counts/c/fn": 0.0}  # c: predicted, never true
+    got = f1_by_class(counts, ["a", "b", "c", "d"])
+    assert got == {"val/f1/a": 0.75, "val/recall/a": 0.75, "val/f1/b": 0.0, "val/recall/b": 0.0, "val/f1/c": 0.0,
+                   "val/f1_macro": 0.375}
+    from sonosynth.trainers.evaluation.classification import classification_metrics
+
+    y, pred = np.array([0, 0, 0, 0, 1, 1]), np.array([0, 0, 0, 2, 0, 2])  # as evaluate and promotion score them
+    reduced = {f"val/counts/{name}/{k}": float(v) for c, name in enumerate("abcd") for k, v in (
+        ("tp", ((pred == c) & (y == c)).sum()), ("fp", ((pred == c) & (y != c)).sum()),
+        ("fn", ((pred != c) & (y == c)).sum()))}
+    figures = classification_metrics(y, np.eye(4)[pred], list("abcd")).figures
+    assert f1_by_class(reduced, list("abcd"))["val/f1_macro"] == pytest.approx(figures["f1_macro"])
 
 
 @pytest.fixture(scope="module")
@@ -240,10 +257,16 @@ def test_forward_and_eval_sums(task):
     assert int(correct) == int((pred == y).sum()) and n == len(y)
     for c, name in enumerate(PLANES):
         tp = int(((pred == c) & (y == c)).sum())
-        total_true = int((y == c).sum())
-        assert [int(v) for v in out[f"val/recall/{name}"]] == [tp, total_true]
-        two_tp, denom = (int(v) for v in out[f"val/f1/{name}"])
-        assert two_tp == 2 * tp and denom == 2 * tp + int(((pred == c) & (y != c)).sum()) + total_true - tp
+        assert int(out[f"val/counts/{name}/tp"]) == tp
+        assert int(out[f"val/counts/{name}/fp"]) == int(((pred == c) & (y != c)).sum())
+        assert int(out[f"val/counts/{name}/fn"]) == int((y == c).sum()) - tp
+    from sonosynth.trainers.evaluation.classification import classification_metrics
+
+    reduced = {k: float(v[0]) / v[1] if isinstance(v, tuple) else float(v) for k, v in out.items()}
+    final = task.finalize_metrics(reduced)
+    assert not any(k.startswith("val/counts/") for k in final) and final["val/acc"] == reduced["val/acc"]
+    probs = torch.softmax(module.net(batch["pixel_values"]), 1).detach().numpy()
+    assert final["val/f1_macro"] == pytest.approx(classification_metrics(y.tolist(), probs, PLANES).figures["f1_macro"])
 
 
 def test_export_loads_back_and_predicts_the_same(task, tmp_path):

@@ -38,7 +38,8 @@ def test_text_cache_cannot_be_forced_with_a_text_encoder_lora():
 def test_lora_task_feeds_the_engine_batches_and_a_fixed_noise_eval(tmp_path, make_phantom_dataset):
     from sonosynth.infra.storage import LocalStorage
     from sonosynth.trainers.diffusion.train import EVAL_DRAWS, LoraTask
-    from sonosynth.trainers.engine import SeededExamples, WorkerContext
+    from sonosynth.trainers.batching import SeededExamples
+    from sonosynth.trainers.task import WorkerContext
 
     data = make_phantom_dataset(tmp_path / "d", 6, ["brain"], size=48)
     ctx = WorkerContext(0, 1, 0, torch.device("cpu"), LocalStorage(tmp_path / "out"))
@@ -50,6 +51,10 @@ def test_lora_task_feeds_the_engine_batches_and_a_fixed_noise_eval(tmp_path, mak
     batch = task.collate([SeededExamples(train_set)[(i, 0)] for i in (4, 1)])
     assert batch["index"].tolist() == [4, 1]
     assert torch.equal(batch["latent_mean"], task.latent_cache[0][[4, 1]]) and "text_emb" in batch
+    with torch.no_grad():  # the cache holds what the VAE makes of each example, in example order
+        dist = task.parts.vae.encode(task.examples[4].pixels[None]).latent_dist
+    torch.testing.assert_close(task.latent_cache[0][4], dist.mean[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(task.latent_cache[1][4], dist.std[0], rtol=1e-5, atol=1e-6)
     module = task.module()
     loss = module(batch, torch.Generator().manual_seed(0))
     assert loss.ndim == 0 and loss.item() > 0

@@ -8,7 +8,7 @@ import torch
 
 from sonosynth.infra.config import ConfigError, build
 from sonosynth.trainers.sam.models import (
-    SamModelConfig, build_sam, embed, freeze, postprocess, predict_masks, sam_forward, sam_modeling,
+    SamModelConfig, build_sam, embed, postprocess, predict_masks, sam_forward, sam_modeling,
 )
 
 
@@ -100,8 +100,9 @@ def test_real_vit_b_checkpoint_from_segment_anything_loads(tmp_path):
 
 def test_forward_trains_the_decoder_only_and_postprocesses():
     sam = build_sam(_tiny())
-    trainable = freeze(sam)
-    assert trainable and all(p.requires_grad for p in sam.mask_decoder.parameters())
+    sam.requires_grad_(False)  # what train-sam's mode decoder trains (paper A)
+    sam.mask_decoder.requires_grad_(True)
+    assert all(p.requires_grad for p in sam.mask_decoder.parameters())
     assert not any(p.requires_grad for p in sam.image_encoder.parameters())
     images = torch.randn(3, 3, 64, 64)
     boxes = torch.tensor([[4.0, 6.0, 40.0, 50.0], [0.0, 0.0, 63.0, 63.0], [10.0, 10.0, 20.0, 30.0]])

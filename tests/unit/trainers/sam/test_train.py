@@ -10,11 +10,14 @@ import pytest
 import torch
 from torch.utils.data import default_collate
 
-from sonosynth.datasets.augment import PairedAugment, sam_example
+from sonosynth.datasets.augment import PairedAugment, boxes_to_input, full_box, tight_box
 from sonosynth.datasets.ingest import IngestConfig, run_ingest
+from sonosynth.datasets.mix import mix_lineage
 from sonosynth.infra.config import ConfigError, build
 from sonosynth.infra.storage import open_storage
-from sonosynth.trainers.engine import SeededExamples
+from sonosynth.trainers.batching import SeededExamples
+from sonosynth.trainers.engine import task_datasets
+from sonosynth.trainers.sam.data import sam_example
 from sonosynth.trainers.sam.models import WEIGHTS_FILE, embed, load_sam_model, predict_masks, sam_forward
 from sonosynth.trainers.sam.train import SamTask, SamTrainConfig
 from sonosynth.trainers.task import WorkerContext
@@ -93,8 +96,8 @@ def test_an_example_is_sam_example_of_the_resized_pair_with_the_engine_seeded_dr
     got = ds[2]
     np.random.seed(7)
     epoch = int(np.random.randint(2**31))
-    want = sam_example(image, mask, augment=PairedAugment("strong", task.cfg.engine.seed), image_size=64,
-                       low_res=task.low_res, jitter_px=19, seed=task.cfg.engine.seed, epoch=epoch, index=key)
+    want = sam_example(image, mask, augment=PairedAugment("strong", task.cfg.engine.seed), model_size=64,
+                       low_res=task.low_res, jitter_px=19, seed=task.cfg.engine.seed, epoch=epoch, key=key)
     for name in ("image", "box", "target"):
         torch.testing.assert_close(got[name], want[name], rtol=0, atol=0, msg=name)
     # another engine seed, another draw; validation examples always get the same box
@@ -128,19 +131,51 @@ def task_target(ds, mask) -> np.ndarray:
     return logit_target(mask, ds.model_size, ds.low_res).numpy()
 
 
-def test_sources_mix_by_count_or_fraction_with_a_seeded_choice(data, tmp_path):
+def _l_shape(h: int = 96, w: int = 128) -> np.ndarray:
+    """An asymmetric L: flips and rotations all move it somewhere else."""
+    m = np.zeros((h, w), np.uint8)
+    m[15:70, 20:38] = 1
+    m[55:70, 20:75] = 1
+    return m
+
+
+def test_sam_example_boxes_come_from_the_augmented_mask():
+    mask = _l_shape()
+    image = np.where(mask > 0, 200, 30).astype(np.uint8)
+    aug = PairedAugment("strong", seed=0)
+    common = dict(augment=aug, model_size=64, low_res=32, jitter_px=0, seed=0, epoch=0)
+    ex = sam_example(image, mask, key="k4", **common)
+    _, m = aug(image, mask, index="k4")
+    assert ex["image"].shape == (3, 64, 64) and ex["target"].shape == (1, 32, 32)
+    assert torch.allclose(ex["box"], torch.from_numpy(boxes_to_input(tight_box(m)[None], mask.shape, 64)[0]))
+    assert "image" not in sam_example(image, mask, key="k4", with_image=False, **common)
+    empty = sam_example(image, np.zeros_like(mask), key="k4", **common)  # the whole image, an all-zero target
+    assert empty["target"].sum() == 0
+    assert torch.allclose(empty["box"], torch.from_numpy(boxes_to_input(full_box(mask.shape)[None], mask.shape, 64)[0]))
+
+
+def test_sources_mix_by_count_or_fraction_with_a_seeded_nested_choice(data, tmp_path):
+    from sonosynth.trainers.sam.data import plan_sam_data
+
     real, syn = data
     sources = {"real": {"dataset": real, "count": 5}, "synthetic": {"dataset": syn, "fraction": 0.5, "split": None}}
     a = _task(_cfg(tmp_path, real, data={"sources": sources}))
-    assert a.sources["real"]["examples"] == 5 and a.sources["synthetic"]["examples"] == 8
-    assert len(a.train_dataset()) == 13 and a.sources["synthetic"]["available"] == 16
+    lineage = mix_lineage(a.train_parts)
+    assert lineage["real"]["examples"] == 5 and lineage["synthetic"]["examples"] == 8
+    assert len(a.train_dataset()) == 13 and lineage["synthetic"]["available"] == 16
+    assert a.train_source.keys() == a.train_parts[0].keys + a.train_parts[1].keys  # the mix reads what was taken
     b = _task(_cfg(tmp_path, real, data={"sources": sources}))
     c = _task(_cfg(tmp_path, real, data={"sources": sources, "seed": 1}))
     assert a.train_source.keys() == b.train_source.keys() != c.train_source.keys()
+    # paper A's grid of N: for one seed, fewer real images are a subset of more
+    taken = [set(plan_sam_data(_cfg(tmp_path, real, data={"sources": {"real": {"dataset": real, "count": n}}}).data)
+                 [0][0].keys) for n in (2, 5, 9)]
+    assert taken[0] < taken[1] < taken[2] and set(a.train_parts[0].keys) == taken[1]
     # count 0 leaves a source out without opening it; val is the real dataset's val split
     d = _task(_cfg(tmp_path, real, data={"sources": {**sources, "synthetic": {"dataset": "nowhere", "count": 0}}}))
-    assert list(d.sources) == ["real"] and d.val_part["dataset"] == real and d.val_part["split"] == "val"
-    with pytest.raises(ConfigError, match="Lower the count"):
+    assert [p.name for p in d.train_parts] == ["real"] and (d.val_part.dataset, d.val_part.split) == (real, "val")
+    with pytest.raises(ConfigError, match=r"data.sources.real: .* samples with a mask in split 'train' and the "
+                                          r"mix asks for 999 of them; lower its count"):
         _task(_cfg(tmp_path, real, data={"sources": {"real": {"dataset": real, "count": 999}}}))
 
 
@@ -148,7 +183,7 @@ def test_config_rules_name_the_fix(data, tmp_path):
     real = data[0]
     with pytest.raises(ConfigError, match="must not be test"):
         _cfg(tmp_path, real, data={"val": {"split": "test"}})
-    with pytest.raises(ConfigError, match="leak"):
+    with pytest.raises(ConfigError, match="data.sources.real takes the test split .* would leak"):
         _cfg(tmp_path, real, data={"sources": {"real": {"dataset": real, "split": "test"}}})
     with pytest.raises(ConfigError, match="split=train"):
         _cfg(tmp_path, real, data={"sources": {"real": {"dataset": real, "split": None}}})
@@ -167,6 +202,10 @@ def test_config_rules_name_the_fix(data, tmp_path):
                                  "engine": {"max_steps": 3, "best_metric": None}})
     assert cfg.engine.best_metric is None and cfg.engine.epochs is None
     assert build(SamTrainConfig, {"out": "x", "data": {"sources": {"r": {"dataset": real}}}}).engine.micro_batch == 5
+    assert (cfg.engine.micro_batch, cfg.engine.max_steps) == (5, 3)  # any engine section keeps SAM's micro-batch
+    own = build(SamTrainConfig, {"out": "x", "data": {"sources": {"real": {"dataset": real}}},
+                                 "engine": {"max_steps": 3, "micro_batch": 2}})
+    assert own.engine.micro_batch == 2 and own.engine.best_metric == "val/dice"  # the recipe's own value wins
     assert "data.cache_dir" not in cfg.job_identity() and "data.sources.real.count" in cfg.job_identity()
 
 
@@ -174,10 +213,10 @@ def test_an_empty_validation_split_is_refused_while_best_metric_needs_it(data, t
     syn = data[1]  # no val split
     task = _task(_cfg(tmp_path, data[0], data={"val": {"dataset": syn}}))
     with pytest.raises(ConfigError, match="best_metric=null"):
-        task.eval_dataset()
+        task_datasets(task.cfg, task)
     quiet = _task(_cfg(tmp_path, data[0], data={"val": {"dataset": syn}},
                        engine={"max_steps": 2, "best_metric": None}))
-    assert quiet.eval_dataset() is None
+    assert task_datasets(quiet.cfg, quiet)[1] is None
 
 
 def _train_and_export(cfg: SamTrainConfig, folder: Path) -> tuple[SamTask, torch.nn.Module]:
@@ -243,7 +282,7 @@ def test_a_decoder_model_needs_its_base_weights(data, tmp_path):
 
 
 def test_model_folders_come_from_s3_and_bad_uris_say_what_to_point_at(data, tmp_path, s3_bucket):
-    from sonosynth.trainers.registry import fetch_model_folder
+    from sonosynth.infra.model_registry import fetch_model_folder
 
     _train_and_export(_cfg(tmp_path, data[0]), tmp_path / "model")
     store = open_storage(f"s3://{s3_bucket}/sam/model")

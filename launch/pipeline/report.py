@@ -1,0 +1,204 @@
+"""What a pipeline leaves for people: the lineage table (CSV, Markdown) and report.html."""
+
+from __future__ import annotations
+
+import base64
+import html
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sonosynth.infra.storage import open_storage
+from sonosynth.launch.pipeline.tables import to_csv as table_csv
+from sonosynth.launch.pipeline.tables import to_markdown as table_markdown
+
+if TYPE_CHECKING:
+    from sonosynth.launch.pipeline.runner import Run
+
+
+class RunReport:
+    """The report half of ``Run`` (``runner.py``)."""
+
+    def lineage(self) -> list[dict[str, Any]]:
+        rows = []
+        for step in self.steps:
+            rep = self.reports.get(step.section) or {}
+            tr = rep.get("tracking") or {}
+            model = f"{tr['registered_model']} v{tr['version']}" if tr.get("registered_model") and tr.get("version") \
+                else ""
+            rows.append({
+                "section": step.section, "stage": step.stage,
+                "status": self.status.get(step.section, "not run"), "key": step.key,
+                "inputs": "; ".join(f"{k}={v}" for k, v in (self.inputs.get(step.section) or {}).items()),
+                "outputs": "; ".join(f"{k}={v}" for k, v in (rep.get("outputs") or {}).items()),
+                "source": f"{step.source['digest']} ({step.source['files']} files)" if step.source else "",
+                "mlflow_run": tr.get("run_id") or "", "model_version": model,
+                "seconds": f"{self.seconds[step.section]:.1f}" if step.section in self.seconds else "",
+            })
+        return rows
+
+    def promotion(self) -> dict[str, Any] | None:
+        name = self.cfg.report.promote or next((s.section for s in self.steps if s.stage == "promote"), None)
+        rep = self.reports.get(name) if name else None
+        return (rep or {}).get("figures") or None
+
+    def summary(self, rows: list[dict[str, Any]], status: str) -> dict[str, Any]:
+        return {"name": self.cfg.name, "out": self.root, "status": status, "failed": self.failure,
+                "pipeline_key": self.pkey, "tracking": {"uri": self.uri, "experiment": self.experiment,
+                                                        "run_id": self.parent.run_id if self.parent else None},
+                "stages": rows, "promotion": self.promotion(),
+                "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+    def ui_command(self) -> str:
+        if self.uri.startswith("sqlite:///"):
+            exe = shutil.which("mlflow") or str(Path(sys.executable).with_name("mlflow"))
+            try:
+                exe = str(Path(exe).relative_to(Path.cwd()))
+            except ValueError:
+                pass
+            return f"{exe} ui --backend-store-uri {self.uri}  (then open http://127.0.0.1:5000)"
+        if self.uri.startswith("http"):
+            run_id = self.parent.run_id if self.parent else None
+            return f"open {self.uri.rstrip('/')}" + (f"/#/runs/{run_id}" if run_id else "")
+        return f"mlflow ui --backend-store-uri {self.uri}"
+
+
+
+COLUMNS = ("section", "stage", "status", "key", "source", "inputs", "outputs", "mlflow_run", "model_version",
+           "seconds")
+
+
+def to_csv(rows: list[dict[str, Any]]) -> str:
+    return table_csv(rows, COLUMNS)
+
+
+def to_markdown(rows: list[dict[str, Any]], brief: bool = False) -> str:
+    return table_markdown(rows, ("section", "stage", "status", "key", "model_version") if brief else COLUMNS)
+
+
+def _read_bytes(uri: str) -> bytes | None:
+    folder, _, name = uri.rstrip("/").rpartition("/")
+    try:
+        return open_storage(folder or ".").get_bytes(name)
+    except Exception:  # noqa: BLE001 - a missing image leaves a note in the report
+        return None
+
+
+def _f(v: Any) -> str:
+    return "" if v is None else f"{v:.4f}" if isinstance(v, float) else html.escape(str(v))
+
+
+def _table(table_id: str, header: list[str], rows: list[list[Any]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{_f(c)}</td>" for c in row) + "</tr>" for row in rows)
+    return f'<table id="{table_id}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def _grid_section(r: Run) -> str:
+    name = r.cfg.report.grid or next((s.section for s in r.steps if s.stage == "generate"), None)
+    rep = r.reports.get(name) if name else None
+    grid = (rep or {}).get("outputs", {}).get("grid")
+    data = _read_bytes(grid) if grid else None
+    if not data:
+        return "<p>No synthetic pair grid: no generate section has finished.</p>"
+    figures = rep.get("figures") or {}
+    note = (f"{figures.get('accepted', figures.get('num_samples', ''))} samples from section {name}; "
+            f"acceptance {_f(figures.get('acceptance_rate'))}") if figures else f"section {name}"
+    return (f'<img id="synthetic-grid" alt="synthetic image+mask pairs" src="data:image/png;base64,'
+            f'{base64.b64encode(data).decode()}"><p>{html.escape(note)} ({html.escape(grid)})</p>')
+
+
+def _dice_section(r: Run) -> str:
+    metric = r.cfg.report.metric
+    labels = {label: [s for s in sections if s in r.reports] for label, sections in r.cfg.report.compare.items()}
+    labels = {k: v for k, v in labels.items() if v}
+    if not labels:
+        return "<p>No comparison: the recipe's report.compare names no evaluate section that has finished.</p>"
+    cells: dict[str, dict[str, tuple[Any, Any, Any]]] = {}
+    for label, sections in labels.items():
+        for section in sections:
+            figures = r.reports[section].get("figures") or {}
+            for cohort, f in (figures.get("by_cohort") or {"all": figures}).items():
+                cells.setdefault(cohort, {})[label] = (f.get(metric), f.get(f"box_baseline_{metric}"),
+                                                       f.get("n_images"))
+    names = list(labels)
+    header = ["cohort", "images"] + [f"{metric}: {label}" for label in names]
+    if len(names) > 1:
+        header.append(f"change ({names[-1]} - {names[0]})")
+    header.append(f"box baseline {metric}")
+    rows = []
+    for cohort, by_label in sorted(cells.items()):
+        values = [by_label.get(label, (None, None, None))[0] for label in names]
+        row = [cohort, next((v[2] for v in by_label.values() if v[2] is not None), None), *values]
+        if len(names) > 1:
+            row.append(values[-1] - values[0] if values[-1] is not None and values[0] is not None else None)
+        row.append(next((v[1] for v in by_label.values() if v[1] is not None), None))
+        rows.append(row)
+    return _table("dice-table", header, rows)
+
+
+def _promotion_section(r: Run) -> str:
+    d = r.promotion()
+    if not d:
+        return "<p>No promotion: the recipe has no promote section, or it has not finished.</p>"
+    if d.get("deferred"):
+        return f'<p id="promotion-decision">deferred: {html.escape(str(d.get("reason")))}</p>'
+    lines = [f'<p id="promotion-decision"><b>{html.escape(str(d.get("decision")))}</b>: '
+             f'{html.escape(str(d.get("model")))} version {html.escape(str(d.get("version")))}; champion is now '
+             f'version {html.escape(str(d.get("champion_after")))}.</p>',
+             f"<p>{html.escape(str(d.get('reason', '')))}</p>"]
+    ch, cp = d.get("challenger") or {}, d.get("champion") or {}
+    rows = []
+    checks = {c["check"]: c for c in d.get("checks") or []}
+    for name, value in (ch.get("overall") or {}).items():
+        c = checks.get(name, {})
+        rows.append([name, value, (cp.get("overall") or {}).get(name), c.get("rule", ""),
+                     "" if not c else "yes" if c.get("ok") else "NO"])
+    for cohort, values in (ch.get("by_cohort") or {}).items():
+        for name, value in values.items():
+            c = checks.get(f"{name}/{cohort}", {})
+            rows.append([f"{name} ({cohort})", value, ((cp.get("by_cohort") or {}).get(cohort) or {}).get(name),
+                         c.get("rule", ""), "" if not c else "yes" if c.get("ok") else "NO"])
+    header = ["figure", f"challenger (v{d.get('version')})",
+              f"champion (v{d.get('champion_before')})" if d.get("champion_before") else "champion (none)",
+              "rule", "passes"]
+    lines.append(_table("promotion-table", header, rows))
+    return "\n".join(lines)
+
+
+STYLE = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#222}
+table{border-collapse:collapse;margin:1em 0;font-size:.9em}td,th{border:1px solid #ccc;padding:.3em .6em;
+text-align:left;vertical-align:top}th{background:#f3f3f3}td{word-break:break-all}img{max-width:100%}
+.FAILED{color:#b00}.FINISHED{color:#070}pre{background:#f6f6f6;padding:.6em}"""
+
+
+def render_html(r: Run, rows: list[dict[str, Any]], status: str) -> str:
+    """report.html: self-contained (the grid is inlined), plain HTML, no scripts."""
+    title = html.escape(f"sonosynth pipeline {r.cfg.name or ''}")
+    run_id = r.parent.run_id if r.parent else None
+    lineage = _table("lineage-table", list(COLUMNS), [[row[c] for c in COLUMNS] for row in rows])
+    failure = f'<p class="FAILED">{html.escape(r.failure)}</p>' if r.failure else ""
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{title}</title><style>{STYLE}</style></head><body>
+<h1>{title}</h1>
+<p>Status: <b class="{status}" id="status">{status}</b>; output {html.escape(r.root)};
+MLflow run {html.escape(run_id or 'none')} at {html.escape(r.uri)};
+written {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}.</p>
+{failure}
+<h2 id="synthetic">Synthetic image+mask pairs</h2>
+{_grid_section(r)}
+<h2 id="dice">Dice before and after synthetic data</h2>
+{_dice_section(r)}
+<h2 id="promotion">Promotion</h2>
+{_promotion_section(r)}
+<h2 id="lineage">Lineage</h2>
+<p>One row per section: its key (a hash of its config, of its inputs' keys and, for an ingest,
+of its source listing: the source column), what it read and
+wrote, its MLflow run and the model version it registered.</p>
+{lineage}
+<h2 id="open">Open in MLflow</h2>
+<pre>{html.escape(r.ui_command())}</pre>
+</body></html>
+"""
