@@ -27,13 +27,14 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from sonosynth.infra.config import ConfigError
-from sonosynth.infra.jobdir import claim_output, offline_dir_for
+from sonosynth.infra.jobdir import claim_output
 from sonosynth.infra.stage import Report
 from sonosynth.infra.storage import StorageConfig, open_storage
-from sonosynth.infra.tracking import Tracker, TrackingConfig
+from sonosynth.infra.tracking import TrackingConfig
+from sonosynth.launch.evaluate.tracking import fmt as _fmt
+from sonosynth.launch.evaluate.tracking import track
 from sonosynth.infra.serialize import json_safe
 
-EXPERIMENT = "sonosynth-evaluate"
 CLASSIFIER_FILE = "classifier.json"
 PROBS_PREFIX = "prob_"
 PredictProba = Callable[[Sequence[np.ndarray]], np.ndarray]
@@ -270,23 +271,7 @@ def _tables(rows: list[dict[str, Any]], folder: Path) -> list[Path]:
 
 
 def _track(cfg: Any, result, files: list[Path]) -> dict[str, Any]:
-    tracking = _get(cfg, "tracking") or TrackingConfig()
-    tracker = Tracker(tracking, experiment=EXPERIMENT, offline_dir=offline_dir_for(cfg.out))
-    tracker.start(tags={"sonosynth.stage": "evaluate", "sonosynth.task": "classification",
-                        "sonosynth.out": cfg.out, "sonosynth.dataset": cfg.dataset})
-    if hasattr(cfg, "flat"):
-        tracker.log_params(cfg.flat())
-    else:
-        tracker.log_params(identity(cfg))
-    tracker.log_metrics(result.metrics(), 0)
-    for path in files:
-        tracker.log_artifact(path)
-    tracker.close("FINISHED")
-    return {"uri": tracker.uri if tracker.enabled else None, "run_id": tracker.run_id, "offline": tracker.offline}
-
-
-def _fmt(v: Any) -> str:
-    return "n/a" if v is None else f"{v:.4f}"
+    return track(cfg, result.metrics(), files, {"sonosynth.task": "classification"})
 
 
 def _report(cfg: Any, out: str, summary: dict[str, Any], names: list[str], tracking: dict[str, Any]) -> Report:

@@ -26,12 +26,14 @@ from pydantic import model_validator
 
 from sonosynth.datasets.records import Sample, decode_png
 from sonosynth.infra.config import Config, ConfigError
-from sonosynth.infra.jobdir import claim_output, offline_dir_for
+from sonosynth.infra.jobdir import claim_output
 from sonosynth.infra.seeds import derive_seed
 from sonosynth.infra.serialize import json_safe
 from sonosynth.infra.stage import Report
 from sonosynth.infra.storage import StorageConfig, open_storage
-from sonosynth.infra.tracking import Tracker, TrackingConfig
+from sonosynth.infra.tracking import TrackingConfig
+from sonosynth.launch.evaluate.tracking import fmt as _fmt
+from sonosynth.launch.evaluate.tracking import track
 
 log = logging.getLogger(__name__)
 PredictFn = Callable[[Sample, np.ndarray], np.ndarray]
@@ -252,11 +254,6 @@ def run(cfg: EvaluateConfig, predict_fn: PredictFn | None = None) -> Report:
 
 
 def _track(cfg: EvaluateConfig, summary: dict[str, Any], files: list[Path]) -> dict[str, Any]:
-    tracker = Tracker(cfg.tracking, experiment="sonosynth-evaluate", offline_dir=offline_dir_for(cfg.out))
-    tracker.start(tags={"sonosynth.stage": "evaluate", "sonosynth.out": cfg.out,
-                        "sonosynth.dataset": cfg.dataset})
-    tracker.log_params(cfg.flat())
-
     def numbers(d: dict[str, Any], prefix: str = "") -> dict[str, float]:
         return {prefix + k: float(v) for k, v in d.items()
                 if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None}
@@ -264,15 +261,7 @@ def _track(cfg: EvaluateConfig, summary: dict[str, Any], files: list[Path]) -> d
     metrics = numbers(summary)
     for cohort, figures in summary["by_cohort"].items():
         metrics.update(numbers(figures, f"{cohort}/"))
-    tracker.log_metrics(metrics, 0)
-    for path in files:
-        tracker.log_artifact(path)
-    tracker.close("FINISHED")
-    return {"uri": tracker.uri if tracker.enabled else None, "run_id": tracker.run_id, "offline": tracker.offline}
-
-
-def _fmt(v: Any) -> str:
-    return "n/a" if v is None else f"{v:.4f}"
+    return track(cfg, metrics, files)
 
 
 def _report(cfg: EvaluateConfig, out: str, summary: dict[str, Any], names: list[str],

@@ -74,7 +74,10 @@ def shared_data_dir() -> Path:
     env = os.environ.get("SONOSYNTH_SHARED_DATA")
     if env:
         return Path(env).expanduser().resolve()
-    candidates = [Path.cwd().parent / "shared" / "data", Path(__file__).resolve().parents[2] / "shared" / "data"]
+    checkout = next((p for p in Path(__file__).resolve().parents if (p / "pyproject.toml").is_file()), None)
+    candidates = [Path.cwd().parent / "shared" / "data"]
+    if checkout is not None:
+        candidates.append(checkout.parent / "shared" / "data")
     return next((c.resolve() for c in candidates if c.is_dir()), candidates[0].resolve())
 
 

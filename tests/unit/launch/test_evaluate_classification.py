@@ -142,17 +142,16 @@ def test_a_saved_model_is_scored_and_the_config_rules(phantom, tmp_path):
                                   overwrite=True)).figures["split"] == "test"
 
 
-def test_any_config_with_the_fields_works_for_the_evaluate_dispatch(phantom, tmp_path):
+def test_the_evaluate_stage_dispatches_a_predictions_csv_to_classification(phantom, tmp_path):
+    from sonosynth.launch.evaluate.segmentation import run
+
     rows = split_rows(phantom, "test")
     write_csv(tmp_path / "p.csv", rows, PLANES)
-    from sonosynth.infra.tracking import TrackingConfig
-
-    like = SimpleNamespace(dataset=str(phantom), split="test", predictions_csv=str(tmp_path / "p.csv"), model=None,
-                           out=str(tmp_path / "ns"), labels=None, paper_compatible=False,
-                           tracking=TrackingConfig(enabled=False))
-    report = run_classification(like)
+    report = run(build(EvaluateConfig, {"dataset": str(phantom), "predictions_csv": str(tmp_path / "p.csv"),
+                                        "out": str(tmp_path / "ns"), "progress": False,
+                                        "tracking": {"enabled": False}}))
     assert report.figures["n"] == len(rows) and (tmp_path / "ns" / "summary.json").is_file()
-    assert report.tracking["run_id"] is None
+    assert report.tracking["run_id"] is None and report.figures["classes"] == PLANES
 
 
 def test_is_classification_tells_the_evaluate_dispatch(tmp_path):

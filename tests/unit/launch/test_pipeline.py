@@ -295,3 +295,11 @@ def test_promotion_rules_compare_the_metric_every_cohort_and_the_guards():
     ok, reason, _ = compare({"overall": {"f1_macro": 0.85, "auc_ovr_macro": 0.85}}, champ, classifier)
     assert not ok and "auc_ovr_macro" in reason
     assert not compare({"overall": {"f1_macro": None}}, champ, classifier)[0], "a missing figure never promotes"
+
+
+def test_shared_data_is_found_beside_the_checkout_from_any_working_folder(tmp_path, monkeypatch, shared_data):
+    from sonosynth.launch.pipeline import shared_data_dir
+
+    monkeypatch.delenv("SONOSYNTH_SHARED_DATA", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert shared_data_dir() == shared_data.resolve()
