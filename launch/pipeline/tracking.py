@@ -80,7 +80,7 @@ class RunTracking:
         if not pending:
             return
         parents = [p for p in pending if p.parent.parent.name == STATE]
-        print(f"replaying the tracking records of {len(pending)} runs that MLflow could not take earlier")
+        print(f"replaying the tracking records of {len(pending)} runs that MLflow could not take earlier", flush=True)
         try:
             for folder in parents:
                 pkey = folder.parent.name
