@@ -30,7 +30,6 @@ from sonosynth.infra.config import ConfigError
 from sonosynth.infra.jobdir import claim_output
 from sonosynth.infra.stage import Report
 from sonosynth.infra.storage import StorageConfig, open_storage
-from sonosynth.infra.tracking import TrackingConfig
 from sonosynth.launch.evaluate.tracking import fmt as _fmt
 from sonosynth.launch.evaluate.tracking import track
 from sonosynth.infra.serialize import json_safe
@@ -41,27 +40,18 @@ PredictProba = Callable[[Sequence[np.ndarray]], np.ndarray]
 """uint8 images -> softmax probabilities [N, K] in the label map's order."""
 
 
-def _get(cfg: Any, name: str, default: Any = None) -> Any:
-    return getattr(cfg, name, default)
-
-
 def check_fields(cfg: Any) -> None:
-    """The rules of the fields, for any config that carries them."""
-    model, csv = _get(cfg, "model"), _get(cfg, "predictions_csv")
-    if model and csv:
-        raise ConfigError("give model=URI or predictions_csv=CSV, not both")
-    if not model and not csv:
-        raise ConfigError("nothing to evaluate: pass model=URI (a train-classifier model) or predictions_csv=CSV")
-    labels = _get(cfg, "labels")
+    """The rules of the classification fields (EvaluateConfig checks model vs predictions_csv)."""
+    labels = cfg.labels
     if labels is not None and (len(labels) < 2 or len(set(labels)) != len(labels)):
         raise ConfigError(f"labels {labels} must be at least 2 distinct class names (or null)")
-    if _get(cfg, "batch_size", 32) < 1:
+    if cfg.batch_size < 1:
         raise ConfigError("batch_size must be at least 1")
 
 
 def identity(cfg: Any) -> dict[str, Any]:
     """What makes another classification evaluation."""
-    return {"task": "classification", **{k: _get(cfg, k) for k in (
+    return {"task": "classification", **{k: getattr(cfg, k) for k in (
         "dataset", "split", "model", "predictions_csv", "labels", "paper_compatible")}}
 
 
@@ -69,9 +59,9 @@ def is_classification(cfg: Any) -> bool:
     """Whether an evaluate config asks for classification: it names a ``predictions_csv``, or its
     ``model`` is a classifier (a folder or s3:// prefix holding classifier.json, or a
     ``models:/sonosynth-classifier...`` URI). For the evaluate stage's dispatch."""
-    if _get(cfg, "predictions_csv"):
+    if cfg.predictions_csv:
         return True
-    model = _get(cfg, "model")
+    model = cfg.model
     if not model:
         return False
     model = str(model)
@@ -80,7 +70,7 @@ def is_classification(cfg: Any) -> bool:
     if model.startswith(("runs:/", "mlflow-artifacts:/")):
         return False  # unknown without downloading: set the task explicitly
     try:
-        store = open_storage(model, _get(cfg, "storage"))
+        store = open_storage(model, getattr(cfg, "storage", None))
         return store.exists(CLASSIFIER_FILE) or store.exists(f"model/{CLASSIFIER_FILE}")
     except Exception:  # noqa: BLE001 - unreachable or odd URIs are not classifiers
         return False
@@ -134,16 +124,16 @@ def _model_predictor(cfg: Any) -> tuple[list[str], PredictProba, dict[str, Any]]
 
     from sonosynth.trainers.classifier import load_classifier
 
-    model = _get(cfg, "model")
-    tracking = _get(cfg, "tracking") or TrackingConfig()
+    model = cfg.model
+    tracking = cfg.tracking
     uri = tracking.resolved_uri() if str(model).startswith(("models:/", "runs:/")) else None
-    device = _get(cfg, "device") or ("cuda" if torch.cuda.is_available() else "cpu")
-    clf = load_classifier(model, tracking_uri=uri, device=device, storage=_get(cfg, "storage"))
-    labels = _get(cfg, "labels")
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    clf = load_classifier(model, tracking_uri=uri, device=device, storage=cfg.storage)
+    labels = cfg.labels
     if labels is not None and list(labels) != clf.labels:
         raise ConfigError(f"labels {list(labels)} do not match the model's label map {clf.labels}; drop labels "
                           "(the model's order is used)")
-    batch = _get(cfg, "batch_size", 32)
+    batch = cfg.batch_size
     return clf.labels, lambda images: clf.predict_proba(images, batch), {
         "model_folder": str(clf.folder), "model_lineage_training": clf.lineage.get("training")}
 
@@ -159,24 +149,24 @@ def run_classification(cfg: Any, predict_proba: PredictProba | None = None,
 
     if predict_proba is None:
         check_fields(cfg)
-    storage_cfg = _get(cfg, "storage") or StorageConfig()
+    storage_cfg = cfg.storage
     extra: dict[str, Any] = {}
     table: dict[str, np.ndarray] | None = None
     if predict_proba is not None:
         if labels is None:
             raise ValueError("run_classification(predict_proba=...) needs the labels of its columns")
         classes = list(labels)
-    elif _get(cfg, "predictions_csv"):
-        classes, table = read_predictions_csv(cfg.predictions_csv, _get(cfg, "labels"), storage_cfg)
+    elif cfg.predictions_csv:
+        classes, table = read_predictions_csv(cfg.predictions_csv, cfg.labels, storage_cfg)
     else:
         classes, predict_proba, extra = _model_predictor(cfg)
     out_storage = open_storage(cfg.out, storage_cfg)
     claim_output(out_storage, stage="evaluate", identity=identity(cfg), config_yaml=_yaml(cfg),
-                 overwrite=bool(_get(cfg, "overwrite", False)))
-    split = _get(cfg, "split")
+                 overwrite=cfg.overwrite)
+    split = cfg.split
     ds = ShardDataset(cfg.dataset, split=split, storage=storage_cfg)
     order = range(len(ds))
-    if _get(cfg, "progress", False):
+    if cfg.progress:
         from tqdm import tqdm
 
         order = tqdm(order, total=len(ds), desc="evaluate", unit="image")
@@ -184,7 +174,7 @@ def run_classification(cfg: Any, predict_proba: PredictProba | None = None,
     probs: list[np.ndarray] = []
     missing, no_label, unknown = [], 0, {}
     pending: list[tuple[dict[str, Any], np.ndarray]] = []
-    batch = _get(cfg, "batch_size", 32)
+    batch = cfg.batch_size
 
     def flush() -> None:
         if pending:
@@ -222,7 +212,7 @@ def run_classification(cfg: Any, predict_proba: PredictProba | None = None,
     p = np.stack(probs)
     result = classification_metrics([r["true"] for r in rows], p, classes,
                                     groups=[r["centre"] for r in rows],
-                                    paper_compatible=bool(_get(cfg, "paper_compatible", False)))
+                                    paper_compatible=bool(cfg.paper_compatible))
     pred = p.argmax(axis=1)
     for r, pi, k in zip(rows, p, pred):
         r.update(predicted=classes[k], correct=r["true"] == classes[k])
@@ -232,8 +222,8 @@ def run_classification(cfg: Any, predict_proba: PredictProba | None = None,
         "per_class": result.per_class,
         "by_cohort": {g: {"n": r.n, **r.figures} for g, r in result.per_group.items()},
         "confusion": result.confusion.tolist(),
-        "dataset": cfg.dataset, "split": split, "model": _get(cfg, "model"),
-        "predictions_csv": _get(cfg, "predictions_csv"), "paper_compatible": bool(_get(cfg, "paper_compatible")),
+        "dataset": cfg.dataset, "split": split, "model": cfg.model,
+        "predictions_csv": cfg.predictions_csv, "paper_compatible": bool(cfg.paper_compatible),
         "missing_predictions": len(missing), "missing_prediction_keys": missing[:100],
         "skipped_no_label": no_label, "skipped_unknown_label": unknown, **extra,
     })
@@ -275,7 +265,7 @@ def _track(cfg: Any, result, files: list[Path]) -> dict[str, Any]:
 
 
 def _report(cfg: Any, out: str, summary: dict[str, Any], names: list[str], tracking: dict[str, Any]) -> Report:
-    what = _get(cfg, "model") or _get(cfg, "predictions_csv") or "the predictor"
+    what = cfg.model or cfg.predictions_csv or "the predictor"
     lines = [f"scored {summary['n']} images of {cfg.dataset} (split {summary['split'] or 'all'}) with {what}",
              f"  accuracy {_fmt(summary['accuracy'])}, macro F1 {_fmt(summary['f1_macro'])}, "
              f"macro precision {_fmt(summary['precision_macro'])}, macro recall {_fmt(summary['recall_macro'])}, "
