@@ -164,6 +164,8 @@ class _S3Cell:
         c, b, k = self.storage.client, self.storage.bucket, self.key
         if text is None:
             done = self._request("release lease", lambda: c.delete_object(Bucket=b, Key=k, IfMatch=expected))
+            if done is None and self.read()[0] is None:  # deleted, and the answer was lost
+                return True
             return None if done in (None, "missing") else True
         if expected is None:
             done = self._request("take lease", lambda: c.put_object(Bucket=b, Key=k, Body=text.encode(),
@@ -171,7 +173,12 @@ class _S3Cell:
         else:
             done = self._request("renew lease", lambda: c.put_object(Bucket=b, Key=k, Body=text.encode(),
                                                                      IfMatch=expected))
-        return None if done in (None, "missing") else done["ETag"]
+        if done in (None, "missing"):
+            # A write whose answer was lost and was retried fails its own precondition: the
+            # lease then holds exactly our text (it names us and the instant), so it is ours.
+            current, etag = self.read()
+            return etag if current == text else None
+        return done["ETag"]
 
 
 class Lease:

@@ -3,12 +3,16 @@
 Keys are ``/``-separated paths relative to the storage root. Every put is atomic: a
 reader sees the whole object or nothing (local: temp file + rename in the same folder;
 S3: one PutObject, or a multipart upload that becomes visible only when completed).
-S3 calls retry with backoff on throttling and connection errors; the endpoint comes from
-``AWS_ENDPOINT_URL`` (boto3's standard variable) unless the config names one.
+S3 calls retry with backoff on throttling, server errors, connection errors and bodies cut
+mid-way. This layer alone retries them (boto3 makes one try per call, so retries do not
+multiply), and logs each retry with the object's URL and the attempt. A streamed read that
+breaks resumes where it stopped, with a ranged GET of the same version. The endpoint comes
+from ``AWS_ENDPOINT_URL`` (boto3's standard variable) unless the config names one.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 from abc import ABC, abstractmethod
@@ -20,6 +24,18 @@ from sonosynth.infra.config import Config
 from sonosynth.infra.retry import RetryPolicy, call_with_retries
 
 PARTIAL_MARK = ".partial-"
+
+
+BOTO_RETRY_DEFAULTS = {"AWS_RETRY_MODE": "standard", "AWS_MAX_ATTEMPTS": "5"}
+"""botocore's own retries for the boto3 clients sonosynth does not make (MLflow's artifact
+store, s3fs, a tracking server's S3): set by the CLI where unset. Storage's client makes one
+try per call and retries itself, so the two never multiply."""
+
+
+def default_boto_retries(environ=os.environ) -> None:
+    """Give other libraries' boto3 clients botocore's standard retry mode unless set."""
+    for name, value in BOTO_RETRY_DEFAULTS.items():
+        environ.setdefault(name, value)
 
 
 class StorageError(RuntimeError):
@@ -194,10 +210,13 @@ _TRANSIENT_S3_CODES = {
 
 
 def is_transient_s3_error(err: BaseException) -> bool:
+    """Throttling, server errors, lost connections and cut bodies: worth another try."""
     from botocore.exceptions import ClientError, ConnectionError as BotoConnectionError
-    from botocore.exceptions import HTTPClientError
+    from botocore.exceptions import HTTPClientError, IncompleteReadError
+    from urllib3.exceptions import ProtocolError
 
-    if isinstance(err, (BotoConnectionError, HTTPClientError, ConnectionError, TimeoutError)):
+    if isinstance(err, (BotoConnectionError, HTTPClientError, IncompleteReadError, ProtocolError,
+                        ConnectionError, TimeoutError)):
         return True
     if isinstance(err, ClientError):
         code = str(err.response.get("Error", {}).get("Code", ""))
@@ -223,7 +242,7 @@ class S3Storage(Storage):
         from botocore.config import Config as BotoConfig
 
         boto_cfg = BotoConfig(
-            retries={"total_max_attempts": 1},  # retried here, with our policy
+            retries={"mode": "standard", "total_max_attempts": 1},  # retried here, with our policy
             connect_timeout=self.config.connect_timeout_s,
             read_timeout=self.config.read_timeout_s,
         )
@@ -232,45 +251,47 @@ class S3Storage(Storage):
     def _key(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key
 
-    def _call(self, what: str, fn):
-        from botocore.exceptions import ClientError
+    def _call(self, verb: str, key: str, fn):
+        """``fn()`` with retries; errors become StorageError naming the object, endpoint and tries."""
+        from botocore.exceptions import ClientError, NoCredentialsError
 
+        url = self.url(key) if key else self.uri
+        where = f"at {self.endpoint}" if self.endpoint else "(AWS default endpoint)"
         try:
-            return call_with_retries(fn, policy=self.policy, is_transient=is_transient_s3_error,
-                                     what=f"{what} {self.uri}")
+            return call_with_retries(fn, policy=self.policy, is_transient=is_transient_s3_error, what=f"{verb} {url}")
         except ClientError as err:
             code = str(err.response.get("Error", {}).get("Code", ""))
-            where = f"at {self.endpoint}" if self.endpoint else "(AWS default endpoint)"
             if code == "NoSuchBucket":
                 raise StorageError(
                     f"bucket {self.bucket!r} does not exist {where}; create it "
                     f"(aws s3 mb s3://{self.bucket}) or set AWS_ENDPOINT_URL to the right server"
                 ) from err
             if code in ("NoSuchKey", "404"):
-                raise ObjectNotFound(f"{what}: {self.uri} has no such object") from err
+                raise ObjectNotFound(f"{verb}: {url} does not exist") from err
             if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403"):
                 raise StorageError(
-                    f"{what} {self.uri}: access denied {where}; check AWS_ACCESS_KEY_ID / "
+                    f"{verb} {url}: access denied {where}; check AWS_ACCESS_KEY_ID / "
                     f"AWS_SECRET_ACCESS_KEY (or the pod's service account)"
                 ) from err
-            raise StorageError(f"{what} {self.uri} failed {where}: {err}") from err
-        except Exception as err:
-            from botocore.exceptions import NoCredentialsError
-
-            if isinstance(err, NoCredentialsError):
-                raise StorageError(f"{what} {self.uri}: no S3 credentials; set AWS_ACCESS_KEY_ID and "
-                                   f"AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, or the pod's service account)") from err
             if is_transient_s3_error(err):
-                raise StorageError(
-                    f"{what} {self.uri}: S3 endpoint {self.endpoint or '(AWS default)'} is "
-                    f"unreachable after {self.policy.max_attempts} tries ({err}); check "
-                    f"AWS_ENDPOINT_URL and the network"
-                ) from err
+                raise StorageError(self._gave_up(verb, url, err)) from err
+            raise StorageError(f"{verb} {url} failed {where}: {err}") from err
+        except NoCredentialsError as err:
+            raise StorageError(f"{verb} {url}: no S3 credentials; set AWS_ACCESS_KEY_ID and "
+                               f"AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, or the pod's service account)") from err
+        except Exception as err:
+            if is_transient_s3_error(err):
+                raise StorageError(self._gave_up(verb, url, err)) from err
             raise
 
+    def _gave_up(self, verb: str, url: str, err: BaseException) -> str:
+        return (f"{verb} {url} failed after {self.policy.max_attempts} tries at S3 endpoint "
+                f"{self.endpoint or '(AWS default)'} (last: {type(err).__name__}: {str(err)[:200]}); check the "
+                f"endpoint's health and AWS_ENDPOINT_URL, or raise storage.max_attempts; re-running resumes")
+
     def put_bytes(self, key: str, data: bytes) -> None:
-        self._call(f"put {key}", lambda: self.client.put_object(
-            Bucket=self.bucket, Key=self._key(key), Body=data))
+        # a put retried after a lost acknowledgement writes the same bytes again: harmless
+        self._call("put", key, lambda: self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data))
 
     def put_file(self, key: str, path: str | Path) -> None:
         size = Path(path).stat().st_size
@@ -280,22 +301,20 @@ class S3Storage(Storage):
         from boto3.s3.transfer import TransferConfig
 
         transfer = TransferConfig(multipart_threshold=self.config.multipart_threshold_mb << 20)
-        self._call(f"upload {key}", lambda: self.client.upload_file(
+        self._call("upload", key, lambda: self.client.upload_file(
             str(path), self.bucket, self._key(key), Config=transfer))
 
     def get_bytes(self, key: str) -> bytes:
-        return self._call(f"get {key}", lambda: self.client.get_object(
+        return self._call("get", key, lambda: self.client.get_object(
             Bucket=self.bucket, Key=self._key(key))["Body"].read())
 
     def open_read(self, key: str) -> BinaryIO:
-        body = self._call(f"open {key}", lambda: self.client.get_object(
-            Bucket=self.bucket, Key=self._key(key))["Body"])
-        return body  # botocore StreamingBody: read()/close(), streamed from the server
+        """A stream of the object; a read that breaks resumes at its offset (ranged GET, same ETag)."""
+        return _ResumableBody(self, key)
 
     def exists(self, key: str) -> bool:
         try:
-            self._call(f"head {key}", lambda: self.client.head_object(
-                Bucket=self.bucket, Key=self._key(key)))
+            self._call("head", key, lambda: self.client.head_object(Bucket=self.bucket, Key=self._key(key)))
             return True
         except ObjectNotFound:
             return False
@@ -314,11 +333,61 @@ class S3Storage(Storage):
                     out.append(ObjectInfo(key, int(obj["Size"]), str(obj["ETag"]).strip('"')))
             return sorted(out, key=lambda o: o.key)
 
-        return self._call(f"list {prefix or '/'}", fetch)
+        return self._call("list", prefix, fetch)
 
     def delete(self, key: str) -> None:
-        self._call(f"delete {key}", lambda: self.client.delete_object(
-            Bucket=self.bucket, Key=self._key(key)))
+        # a delete retried after a lost acknowledgement finds nothing: S3 answers 204 again
+        self._call("delete", key, lambda: self.client.delete_object(Bucket=self.bucket, Key=self._key(key)))
+
+
+class _ResumableBody(io.RawIOBase):
+    """A read-only stream over one version of an S3 object. A read that breaks (a body cut
+    mid-way, a reset) is retried with the storage's policy: the object is re-opened at the
+    current offset with ``Range`` and ``IfMatch`` (the ETag first seen), so the bytes go on
+    where they stopped and cannot come from a newer version."""
+
+    def __init__(self, storage: S3Storage, key: str):
+        super().__init__()
+        self.storage, self.key, self.pos = storage, key, 0
+        self.etag: str | None = None
+        self.body = None
+        storage._call("open", key, self._open)  # a missing object fails here, as a local open() would
+
+    def _open(self) -> None:
+        s = self.storage
+        resume = {"Range": f"bytes={self.pos}-", "IfMatch": self.etag} if self.etag else {}
+        got = s.client.get_object(Bucket=s.bucket, Key=s._key(self.key), **resume)
+        self.etag, self.body = got["ETag"], got["Body"]
+
+    def readable(self) -> bool:
+        return True
+
+    def _read(self, n: int) -> bytes:
+        if self.body is None:
+            self._open()
+        try:
+            data = self.body.read(n) if n is not None and n >= 0 else self.body.read()
+        except Exception:
+            self.body = None  # the next try re-opens at self.pos
+            raise
+        self.pos += len(data)
+        return data
+
+    def read(self, n: int = -1) -> bytes:
+        return self.storage._call(f"read (from byte {self.pos})", self.key, lambda: self._read(n))
+
+    def readall(self) -> bytes:
+        return self.read(-1)
+
+    def readinto(self, buffer) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        if self.body is not None:
+            self.body.close()
+        super().close()
 
 
 def open_storage(uri: str | Path, config: StorageConfig | None = None) -> Storage:

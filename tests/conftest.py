@@ -44,6 +44,29 @@ def s3_bucket(moto_endpoint, monkeypatch):
 
 
 @pytest.fixture(scope="session")
+def flaky_s3_proxy(moto_endpoint):
+    """One fault-injecting proxy (``FlakyS3Proxy``) in front of the session's moto_server, no faults at first."""
+    from sonosynth.infra.local.flaky_s3 import flaky_s3
+
+    with flaky_s3(moto_endpoint) as proxy:
+        yield proxy
+
+
+@pytest.fixture
+def flaky_s3(flaky_s3_proxy):
+    """The session's flaky S3 proxy, healed, without faults and with zeroed counters; enable faults with
+    ``flaky_s3.set_faults(Faults(...))`` or ``flaky_s3.break_forever(pattern)``; its endpoint is ``flaky_s3.url``."""
+    from sonosynth.infra.local.flaky_s3 import Faults
+
+    flaky_s3_proxy.heal()
+    flaky_s3_proxy.set_faults(Faults())
+    flaky_s3_proxy.reset_counts()
+    yield flaky_s3_proxy
+    flaky_s3_proxy.heal()
+    flaky_s3_proxy.set_faults(Faults())
+
+
+@pytest.fixture(scope="session")
 def mlflow_url(tmp_path_factory):
     """A real MLflow tracking server over HTTP (SQLite backend, served artifacts)."""
     from sonosynth.infra.local_mlflow import mlflow_server

@@ -41,6 +41,8 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable
 
+from sonosynth.infra.storage import BOTO_RETRY_DEFAULTS
+
 STATE_FILE = "stack.json"
 ENV_FILE = "env.sh"
 MARKER = "SONOSYNTH_STACK_ID"
@@ -201,12 +203,16 @@ def auth_headers(state: dict[str, Any]) -> dict[str, str]:
     return {"Authorization": "Bearer " + Path(state["token_file"]).read_text().strip()}
 
 
-def _alive_ray_nodes(state: dict[str, Any]) -> int:
+def _alive_raylets(state: dict[str, Any]) -> list[dict[str, Any]]:
     status, body = _http(state["services"]["ray-head"]["url"] + "/nodes?view=summary", auth_headers(state))
     if status != 200:
-        return 0
+        return []
     data = json.loads(body).get("data", {}).get("summary", [])
-    return sum(1 for n in data if (n.get("raylet") or {}).get("state") == "ALIVE")
+    return [n["raylet"] for n in data if (n.get("raylet") or {}).get("state") == "ALIVE"]
+
+
+def _alive_ray_nodes(state: dict[str, Any]) -> int:
+    return len(_alive_raylets(state))
 
 
 def _healthy(state: dict[str, Any], name: str) -> bool:
@@ -248,7 +254,7 @@ def _spawn_mlflow(state: dict[str, Any]) -> None:
     (folder / "mlflow").mkdir(exist_ok=True)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    env = dict(CREDENTIALS)
+    env = {**CREDENTIALS, **BOTO_RETRY_DEFAULTS}  # the server's own S3 client retries with botocore
     if "s3" in state["services"]:
         s3 = state["services"]["s3"]["url"]
         env.update(MLFLOW_S3_ENDPOINT_URL=s3, AWS_ENDPOINT_URL=s3)
@@ -293,12 +299,13 @@ def add_worker_node(folder: str | Path, num_cpus: int = 1, timeout_s: float = 12
         raise StackError(f"no stack with a Ray head in {folder}; run `sonosynth stack up --dir {folder}` first")
     n = 1 + sum(1 for k in state["services"] if k.startswith("ray-worker"))
     name = f"ray-worker-{n}"
-    before = _alive_ray_nodes(state)
+    port = free_port()  # its raylet's port tells it apart from a lost node not yet declared dead
     args = [executable("ray"), "start", "--address", state["services"]["ray-head"]["gcs"], "--block",
             "--disable-usage-stats", "--node-ip-address", "127.0.0.1", "--num-cpus", str(num_cpus),
-            "--dashboard-agent-listen-port", str(free_port())]
+            "--node-manager-port", str(port), "--dashboard-agent-listen-port", str(free_port())]
     _spawn(state, name, args, _ray_env(state), num_cpus=num_cpus)
-    _wait_until(state, name, lambda: _alive_ray_nodes(state) > before, timeout_s)
+    _wait_until(state, name, lambda: any(int(r.get("nodeManagerPort", 0)) == port for r in _alive_raylets(state)),
+                timeout_s)
     return name
 
 
@@ -357,7 +364,8 @@ def _signal_group(pid: int, stack_id: str, sig: int) -> None:
 
 def kill_service(folder: str | Path, name: str) -> int:
     """SIGKILL one service and everything under it at once (a node lost, as on a cluster).
-    Returns how many processes were killed. The entry stays in the state; ``down`` cleans up."""
+    Returns how many processes were killed. The entry stays in the state, marked ``killed``;
+    ``down`` cleans up."""
     psutil = _psutil()
     state = load_state(folder)
     if not state or name not in state["services"]:
@@ -373,6 +381,8 @@ def kill_service(folder: str | Path, name: str) -> int:
             pass
     psutil.wait_procs(procs, timeout=10)
     _reap()
+    state["services"][name]["killed"] = True
+    _save_state(state)
     return len(procs)
 
 

@@ -107,7 +107,10 @@ def tracking_replay(
     """Send tracking records that a job could not deliver while MLflow was down.
 
     The run and experiment come from the records: a run created before the server went away
-    gets the rest of its records; otherwise a run is created in the job's experiment.
+    gets the rest of its records; otherwise the run is created as the job would have created
+    it (name, tags, parent run). Registrations the job could not make are made. Delivered
+    records leave the folder (it is removed when empty), so a second replay finds nothing.
+    A pipeline does this by itself at the start of its next run into the same output.
 
     Example:
 
@@ -115,11 +118,12 @@ def tracking_replay(
         sonosynth tracking-replay runs/lora/tracking-offline \\
             --uri http://mlflow:5000
     """
-    from sonosynth.infra.tracking import TrackingConfig, replay
+    from sonosynth.infra.tracking import TrackingConfig, replay_folder
 
     with exit_status(usage=(FileNotFoundError,), failed=(ConnectionError,)):
-        run_id = replay(folder, TrackingConfig(uri=uri), experiment=experiment)
-    typer.echo(f"delivered to run {run_id}")
+        done = replay_folder(folder, TrackingConfig(uri=uri), experiment=experiment)
+    models = "".join(f"; registered {name} version {v}" for name, v in done.registered.items())
+    typer.echo(f"delivered {done.records} records to run {', '.join(done.runs)}{models}")
 
 
 from sonosynth.launch.cli import champion, cluster, pipeline, stage_verbs  # noqa: E402 - they add verbs to app
@@ -131,7 +135,10 @@ cluster.register(app)
 
 
 def main() -> None:
+    from sonosynth.infra.storage import default_boto_retries
+
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    default_boto_retries()
     with exit_status():  # a bug in any verb: one line, and its traceback kept
         app(prog_name="sonosynth")
 

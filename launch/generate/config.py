@@ -65,10 +65,12 @@ class GenerateConfig(Config):
     """Attempts per sample index before it is given up (each with a new derived seed)."""
     seed: int = 0
     """Root seed; sample i, attempt a uses a seed derived from (seed, i, a)."""
-    max_restarts: int = 3
-    """Times Ray restarts a sampler actor that died (its model is loaded again)."""
-    max_task_retries: int = 3
-    """Times a task is retried on a restarted actor (tasks are idempotent)."""
+    max_task_losses: int = 5
+    """Times one shard task may be lost with its actor or node and drawn again (tasks are
+    idempotent) before the job stops; an error raised by the task itself is never retried."""
+    replacement_wait_s: float = 600.0
+    """Seconds the job waits for at least one sampler actor to be ready (at start, and after
+    losing actors) before it stops naming the cluster's free resources."""
     ray: RayConfig = RayConfig()
     """Ray cluster to run on."""
     tracking: TrackingConfig = TrackingConfig()
@@ -108,7 +110,7 @@ class GenerateConfig(Config):
                                  f"which plane each sample index gets)")
             if not self.planes:
                 raise ValueError("planes is empty; list the planes to draw, or null for all the LoRA knows")
-        for name in ("num_samples", "shard_size", "max_attempts", "cpus_per_worker"):
+        for name in ("num_samples", "shard_size", "max_attempts", "cpus_per_worker", "replacement_wait_s"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
         if self.workers is not None and self.workers < 1:

@@ -18,6 +18,7 @@ from sonosynth.infra.stage import Report, StageFailed
 from sonosynth.infra.storage import Storage, open_storage
 from sonosynth.infra.tracking import Tracker
 from sonosynth.launch.generate.config import GenerateConfig, JobPlan, plan_job
+from sonosynth.launch.generate.pool import PoolError, SamplerPool
 from sonosynth.launch.generate.worker import ATTEMPTS_EXHAUSTED, SamplerWorker, shard_name
 
 log = logging.getLogger(__name__)
@@ -58,64 +59,36 @@ def _actor_options(cfg: GenerateConfig, use_gpu: bool) -> dict[str, Any]:
     """Placement: each actor holds one GPU (or ``cpus_per_worker`` CPUs) and the actors are
     SPREAD over the nodes, so a multi-node cluster gets one per GPU on every node rather than
     the first nodes packed; on an autoscaling cluster the actors that do not fit yet wait for
-    the nodes they ask for."""
-    return dict(num_cpus=cfg.cpus_per_worker, num_gpus=1 if use_gpu else 0, max_restarts=cfg.max_restarts,
-                max_task_retries=cfg.max_task_retries, max_concurrency=IN_FLIGHT_PER_ACTOR,
-                scheduling_strategy="SPREAD")
+    the nodes they ask for. Ray restarts nothing: the pool replaces a lost actor itself."""
+    return dict(num_cpus=cfg.cpus_per_worker, num_gpus=1 if use_gpu else 0, max_restarts=0,
+                max_concurrency=IN_FLIGHT_PER_ACTOR, scheduling_strategy="SPREAD")
 
 
 def _run_tasks(cfg: GenerateConfig, plan: JobPlan, todo: list[dict], lora_files, lora_sha, on_done) -> float:
-    """Sample ``todo`` on actors; ``on_done(result)`` per finished shard. Returns seconds.
-
-    Retries are Ray's: an actor that dies is restarted (``max_restarts``) and the call it
-    was running is retried on it (``max_task_retries``); shard tasks are idempotent. An actor
-    left with nothing to do once every task is handed out is released, so that an actor
-    restarting after its node was lost finds room on the nodes that are left. A task that
-    still fails ends the job; re-running it resumes from the shards already written.
-    """
+    """Sample ``todo`` on a pool of actors (``pool.SamplerPool``: lost tasks drawn again, lost
+    actors replaced); ``on_done(result)`` once per finished shard. Returns seconds."""
     import ray
 
     from sonosynth.infra.cluster import connect
 
     connect(cfg.ray)
     n_actors, use_gpu = _actor_count(cfg)
-    n_actors = min(n_actors, len(todo))
     actor_cls = ray.remote(SamplerWorker).options(**_actor_options(cfg, use_gpu))
     plan_dict = dataclasses.asdict(plan)
     plan_dict["tasks"] = []
-    files_ref = ray.put(lora_files)
-    actors = [actor_cls.remote(cfg.to_dict(), plan_dict, files_ref, lora_sha) for _ in range(n_actors)]
-    queue, in_flight = list(todo), {}
-    busy = {id(a): 0 for a in actors}
+    cfg_dict, files_ref = cfg.to_dict(), ray.put(lora_files)
+    pool = SamplerPool(lambda: actor_cls.remote(cfg_dict, plan_dict, files_ref, lora_sha), actors=n_actors,
+                       in_flight_per_actor=IN_FLIGHT_PER_ACTOR, max_task_losses=cfg.max_task_losses,
+                       replacement_wait_s=cfg.replacement_wait_s,
+                       needs="1 GPU" if use_gpu else f"{cfg.cpus_per_worker} CPU")
     t0 = time.perf_counter()
-
-    def submit(actor) -> None:
-        task = queue.pop(0)
-        in_flight[actor.run_shard.remote(task)] = (actor, task)
-        busy[id(actor)] += 1
-
-    for actor in actors:
-        for _ in range(IN_FLIGHT_PER_ACTOR):
-            if queue:
-                submit(actor)
-    while in_flight:
-        ready, _ = ray.wait(list(in_flight), num_returns=1)
-        actor, task = in_flight.pop(ready[0])
-        busy[id(actor)] -= 1
-        try:
-            result = ray.get(ready[0])
-        except ray.exceptions.ObjectLostError:  # the result was lost with its node: do the task again
-            queue.append(task)
-            result = None
-        except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as err:
-            raise GenerationError(f"shard {task['shard_index']} failed after Ray's retries ({err}); "
-                                  f"re-running the same command resumes from the shards already written") from err
-        if result is not None:
-            on_done(result)
-        if queue:
-            submit(actor)
-        elif busy[id(actor)] == 0 and in_flight:
-            ray.kill(actor, no_restart=True)  # idle for good: give its GPU/CPUs to a restarting actor
+    try:
+        pool.run(todo, on_done)
+    except PoolError as err:
+        raise GenerationError(f"{err} (the shards already written are kept)") from err
+    finally:
+        if pool.actors_lost:
+            log.warning("%d sampler actors were lost and replaced during the job", pool.actors_lost)
     return time.perf_counter() - t0
 
 
