@@ -140,3 +140,14 @@ def test_writes_to_s3_with_the_lora_from_the_mlflow_registry(work, tiny_lora, re
     client = MlflowClient(mlflow_url)
     runs = client.search_runs([client.get_experiment_by_name("sonosynth-generate").experiment_id])
     assert any(r.data.params.get("out") == out and r.data.metrics.get("accepted") == N for r in runs)
+
+
+def test_no_room_for_any_sampler_actor_stops_after_the_wait_naming_what_is_free(work, tiny_lora, procs):
+    out = work / "no-room"
+    proc = procs.cli(["generate", "generate_tiny", "--out", str(out), "--lora", str(tiny_lora), "--num-samples", "4",
+                      "--workers", "1", "--set", "cpus_per_worker=512", "--set", "replacement_wait_s=3",
+                      "--set", "tracking.enabled=false", "--no-progress"], cwd=work, check=False)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    message = proc.stderr.strip().splitlines()[-1]
+    assert "no sampler actor could start within replacement_wait_s=3 s" in message
+    assert "each actor needs 512 CPU" in message and "has free {'CPU'" in message and "re-running" in message
