@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from sonosynth.infra.secrets import redact_uri
+
 
 class StageFailed(RuntimeError):
     """A stage ran but could not deliver; the message names what is missing and the fix (exit 1)."""
@@ -50,7 +52,7 @@ class Report:
         lines += [f"{name + ':':<{width + 1}} {where}" for name, where in self.outputs.items()]
         t = self.tracking
         if t.get("run_id"):
-            lines.append(f"mlflow: run {t['run_id']} at {t.get('uri')}")
+            lines.append(f"mlflow: run {t['run_id']} at {redact_uri(t.get('uri'))}")
         if t.get("version"):
             lines.append(f"registered: {t['registered_model']} version {t['version']}")
         return "\n".join(lines)

@@ -41,6 +41,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from sonosynth.infra.config import ConfigError
 from sonosynth.infra.jobdir import offline_dir_for
+from sonosynth.infra.secrets import redact
 from sonosynth.infra.seeds import derive_seed
 from sonosynth.infra.storage import Storage, open_storage
 from sonosynth.infra.tracking import Tracker
@@ -357,7 +358,7 @@ def _finish(job: Job, perf: dict[str, Any]) -> None:
         }
         lineage_text = json.dumps(lineage, indent=1, default=str)
         (folder / "lineage.json").write_text(lineage_text)
-        (folder / "config.yaml").write_text(cfg.to_yaml())
+        (folder / "config.yaml").write_text(redact(cfg.to_yaml()))
         for path in sorted(folder.rglob("*")):
             if path.is_file():
                 ctx.storage.put_file(f"model/{path.relative_to(folder)}", path)

@@ -135,9 +135,11 @@ cluster.register(app)
 
 
 def main() -> None:
+    from sonosynth.infra.secrets import install_log_redaction
     from sonosynth.infra.storage import default_boto_retries
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    install_log_redaction()
     default_boto_retries()
     with exit_status():  # a bug in any verb: one line, and its traceback kept
         app(prog_name="sonosynth")

@@ -139,7 +139,8 @@ def submit(
     env: Annotated[Optional[list[str]], typer.Option(
         "--env", metavar="NAME",
         help="Also copy this environment variable into the job (repeatable; only names are "
-             "printed).")] = None,
+             "printed). A secret (AWS_SECRET_ACCESS_KEY, a *_TOKEN or *_PASSWORD, a URI with a "
+             "password) is refused: the cluster holds its own.")] = None,
     token_file: TokenFile = None,
     submission_id: Annotated[Optional[str], typer.Option(help="Job id to use (default: Ray picks one).")] = None,
 ) -> None:
@@ -147,9 +148,12 @@ def submit(
 
     The job runs the same command as here, with the installed package (never the repo as a
     working directory) and this environment's MLFLOW_TRACKING_URI, AWS_ENDPOINT_URL,
-    MLFLOW_S3_ENDPOINT_URL and AWS region, plus each --env NAME. Credentials should live on
-    the cluster. A recipe given as a local YAML file travels with the job. With --wait the
-    logs stream here, the command exits with the job's status, and Ctrl-C stops the job.
+    MLFLOW_S3_ENDPOINT_URL and AWS region, plus each --env NAME. Credentials live on the
+    cluster and never travel with a job (the dashboard shows its command and environment): a
+    password in MLFLOW_TRACKING_URI is stripped with a warning, and a secret --env, argument
+    or recipe is refused (docs/secrets.md). A recipe given as a local YAML file travels with
+    the job. With --wait the logs stream here, the command exits with the job's status, and
+    Ctrl-C stops the job.
 
     Example:
 

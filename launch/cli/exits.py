@@ -23,6 +23,8 @@ from typing import Iterator, NoReturn
 import click
 import typer
 
+from sonosynth.infra.secrets import redact
+
 DEBUG_ENV = "SONOSYNTH_DEBUG"
 EXIT_CODES = """Exit status: 0 done; 1 the stage ran and could not deliver (training failed, too few
 samples passed QC, nothing ingested; what was written is kept and a re-run resumes) or a bug
@@ -64,19 +66,19 @@ def failures() -> tuple[type[BaseException], ...]:
 
 
 def usage_error(err: object) -> NoReturn:
-    typer.echo(f"error: {err}", err=True)
+    typer.echo(redact(f"error: {err}"), err=True)
     raise typer.Exit(2)
 
 
 def failure(err: object) -> NoReturn:
-    typer.echo(f"error: {err}", err=True)
+    typer.echo(redact(f"error: {err}"), err=True)
     raise typer.Exit(1)
 
 
 def crash(err: BaseException) -> NoReturn:
     """A bug: one line, and the traceback on stderr (debugging) or in a log file here."""
-    text = "".join(traceback.format_exception(type(err), err, err.__traceback__))
-    typer.echo(f"error: {type(err).__name__}: {err}", err=True)
+    text = redact("".join(traceback.format_exception(type(err), err, err.__traceback__)))
+    typer.echo(redact(f"error: {type(err).__name__}: {err}"), err=True)
     path = None if debugging() else _write_log(text)
     if path is None:
         typer.echo(text, err=True, nl=False)

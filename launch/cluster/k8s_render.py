@@ -29,6 +29,8 @@ from typing import Any
 
 import yaml
 
+from sonosynth.infra.secrets import redact_uri
+
 NAMESPACE = "sonosynth"
 CLUSTER = "sonosynth"
 KUBECTL_IMAGE = "registry.k8s.io/kubectl:v1.34.1"
@@ -163,7 +165,7 @@ def placement_warnings(dest: Any, tracking: dict[str, Any]) -> list[str]:
                         f"outlives the job and every node can write it")
     uri = tracking.get("uri")
     if uri and tracking.get("enabled", True) and not str(uri).startswith(("http://", "https://", "databricks")):
-        warnings.append(f"tracking.uri is {uri!r}, a store inside the pod; the cluster's MLflow is "
+        warnings.append(f"tracking.uri is {redact_uri(str(uri))!r}, a store inside the pod; the cluster's MLflow is "
                         f"http://mlflow.{NAMESPACE}.svc:5000 (MLFLOW_TRACKING_URI on the cluster)")
     return warnings
 
@@ -173,6 +175,9 @@ def job_spec(stage: str, recipe: str, overrides: list[str], cluster: str = CLUST
     warnings = check_config(stage, recipe, overrides)
     ref, embedded = recipe_reference(recipe)
     argv = [stage, ref] + [arg for o in overrides for arg in ("--set", o)]
+    from sonosynth.launch.cluster.submit import check_secrets
+
+    check_secrets(argv, embedded)  # a manifest is a file in a repo: no password may go in it
     spec: dict[str, Any] = {
         "clusterSelector": {"ray.io/cluster": cluster},
         "submissionMode": "HTTPMode",

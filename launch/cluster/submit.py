@@ -12,12 +12,14 @@ prints which sonosynth it runs from, then runs the CLI verb). What travels with 
   cluster's image has sonosynth installed (the KubeRay manifests). ``working_dir`` is never
   set, so nothing of the checkout (``datasets/`` would shadow HuggingFace ``datasets``) is
   put on the job's path.
-- **environment by name.** ``MLFLOW_TRACKING_URI``, ``AWS_ENDPOINT_URL``,
+- **environment by name, never a secret.** ``MLFLOW_TRACKING_URI``, ``AWS_ENDPOINT_URL``,
   ``MLFLOW_S3_ENDPOINT_URL``, ``AWS_DEFAULT_REGION`` and ``AWS_REGION`` are copied when set
-  here, plus every name given with ``env``. Only names are printed. Credentials are not
-  copied unless named: a cluster should hold its own (KubeRay pods read them from a
-  Secret; the local stack's nodes have them), since copied values are visible in the job's
-  runtime env to anyone who can read the dashboard.
+  here, plus every name given with ``env``. Only names are printed. A job's runtime env and
+  command are shown to anyone who can read the dashboard, so credentials never travel: a
+  URI's ``user:password@`` is stripped (with a warning), and an ``env`` name that holds a
+  secret (by its name, ``infra/secrets.is_secret_name``, or its value), an argument or a
+  local recipe holding a password or a secret's value are refused (exit 2). The cluster
+  holds its own (KubeRay pods read them from a Secret; the local stack's nodes have moto's).
 - **a local YAML recipe**: its resolved content (``extends:`` merged) goes in the job's
   environment and the entrypoint reads it back, so a recipe that is not in the wheel works
   on a cluster too. Named recipes are in the wheel.
@@ -46,10 +48,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from sonosynth.infra.secrets import (has_uri_password, is_secret_name, redact, redact_uri, secret_values,
+                                     strip_uri_credentials)
 from sonosynth.infra.stage import UsageError
 
 DEFAULT_ENV = ("MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION")
-"""Copied into every job when set here (configuration, not secrets)."""
+"""Copied into every job when set here (configuration, not secrets: a URI's password is stripped)."""
 RECIPE_ENV = "SONOSYNTH_RECIPE_YAML"
 """A local recipe's resolved YAML, written back to a file by the job's entrypoint."""
 PACKAGE_ENV = "SONOSYNTH_PACKAGE"
@@ -259,8 +263,8 @@ def client(address: str | None = None, token_file: str | None = None):
     try:
         return JobSubmissionClient(url, headers=headers)
     except ConnectionError as err:
-        raise SubmitError(f"cannot reach the Ray job server at {url} ({err}); --address is the dashboard "
-                          f"(http://HEAD:8265), not the GCS (HEAD:6379)") from None
+        raise SubmitError(f"cannot reach the Ray job server at {redact_uri(url)} ({redact(str(err))}); --address "
+                          f"is the dashboard (http://HEAD:8265), not the GCS (HEAD:6379)") from None
     except (RuntimeError, _ray_error()) as err:
         raise _explain(err, url) from None
 
@@ -272,7 +276,7 @@ def _ray_error() -> type[Exception]:
 
 
 def _explain(err: Exception, url: str) -> Exception:
-    text = str(err)
+    text, url = redact(str(err)), redact_uri(url)
     if "401" in text or "403" in text or "Authentication" in text or "authentication" in text:
         return SubmitUsageError(f"the Ray cluster at {url} refused the request ({text.splitlines()[0]}): it uses "
                                 f"token auth; pass --token-file or set RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH")
@@ -289,25 +293,81 @@ class Submission:
     warnings: list[str]
 
 
-def runtime_env(folder: Path | None, package: str, env_names: Iterable[str] = (),
-                recipe_yaml: str | None = None) -> tuple[dict[str, Any], list[str]]:
-    """The job's runtime env and the names of the environment variables it carries."""
+CLUSTER_SECRETS = ("give the cluster its own: on KubeRay, keys of the Secret sonosynth-s3, which the Ray pods "
+                   "import into their environment (the S3 keys are there; add MLFLOW_TRACKING_USERNAME and "
+                   "MLFLOW_TRACKING_PASSWORD for an MLflow that asks for a login); on a Ray cluster you started, "
+                   "the environment of `ray start` on every node (docs/secrets.md)")
+"""Where a job's credentials come from, since they never travel with it."""
+
+
+def _refuse_secrets(what: str, value: str) -> None:
+    """A value sent with the job (an argument, a recipe, an ``--env``) must hold no secret: a
+    job's entrypoint and runtime env are shown to whoever reads the Ray dashboard."""
+    if has_uri_password(value):
+        raise SubmitUsageError(f"{what} holds a URI with a password ({redact_uri(_uri_in(value))}); a job's "
+                               f"command and environment are shown to anyone who can read the Ray dashboard, "
+                               f"so it is not sent: leave the password out and {CLUSTER_SECRETS}")
+    if redact(value) != value:
+        names = sorted({n for v, n in secret_values().items() if v in value})
+        raise SubmitUsageError(f"{what} holds the value of {', '.join(names)}; a job's command and environment "
+                               f"are shown to anyone who can read the Ray dashboard, so it is not sent: "
+                               f"{CLUSTER_SECRETS}")
+
+
+def _uri_in(text: str) -> str:
+    return next((w for w in text.split() if has_uri_password(w)), text)[:200]
+
+
+def check_secrets(argv: list[str], recipe_yaml: str | None = None) -> None:
+    """Refuse (exit 2) arguments or a local recipe that carry a password or a secret's value."""
+    for arg in argv:
+        _refuse_secrets(f"the argument {redact(arg)!r}", arg)
+    if recipe_yaml is not None:
+        _refuse_secrets("the recipe", recipe_yaml)
+
+
+def job_env_vars(env_names: Iterable[str] = ()) -> tuple[dict[str, str], list[str], list[str]]:
+    """(the variables copied into a job, their names, warnings). ``DEFAULT_ENV`` is copied when
+    set, with a URI's ``user:password@`` stripped (and a warning saying so); an ``--env`` name
+    that holds a secret, by its name or its value, is refused."""
     names = [n for n in DEFAULT_ENV if os.environ.get(n)]
     for name in env_names:
         if name not in os.environ:
             raise SubmitUsageError(f"--env {name}: no such variable in this environment")
+        if is_secret_name(name):
+            raise SubmitUsageError(f"--env {name}: {name} holds a secret, and a job's environment is shown to "
+                                   f"anyone who can read the Ray dashboard, so it is never copied: "
+                                   f"{CLUSTER_SECRETS}")
+        _refuse_secrets(f"--env {name}", os.environ[name])
         if name not in names:
             names.append(name)
-    env_vars = {n: os.environ[n] for n in names}
+    env_vars, warnings = {}, []
+    for name in names:
+        value, had_password = strip_uri_credentials(os.environ[name])
+        if had_password:
+            how = ("MLflow sends MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD as basic auth; "
+                   if name == "MLFLOW_TRACKING_URI" else "")
+            warnings.append(f"{name} holds a password; the job gets {value} without it (a job's environment "
+                            f"is shown to anyone who can read the Ray dashboard). {how}{CLUSTER_SECRETS}")
+        env_vars[name] = value
+    return env_vars, names, warnings
+
+
+def runtime_env(folder: Path | None, package: str, env_names: Iterable[str] = (),
+                recipe_yaml: str | None = None) -> tuple[dict[str, Any], list[str], list[str]]:
+    """The job's runtime env, the names of the environment variables it carries, and warnings
+    (a password stripped from a copied URI). It never holds a secret (docs/secrets.md)."""
+    env_vars, names, warnings = job_env_vars(env_names)
     env_vars[PACKAGE_ENV] = package
     # the stage's own ray.init adds env vars (quiet logging, DS_ACCELERATOR) on top of the job's
     env_vars["RAY_OVERRIDE_JOB_RUNTIME_ENV"] = "1"
     if recipe_yaml is not None:
+        check_secrets([], recipe_yaml)
         env_vars[RECIPE_ENV] = recipe_yaml
     env: dict[str, Any] = {"env_vars": env_vars}
     if folder is not None:
         env["py_modules"] = [str(folder)]
-    return env, names
+    return env, names, warnings
 
 
 def entrypoint(argv: list[str]) -> str:
@@ -316,12 +376,17 @@ def entrypoint(argv: list[str]) -> str:
 
 def submit(argv: list[str], address: str | None = None, *, package: str = "wheel", env_names: Iterable[str] = (),
            token_file: str | None = None, submission_id: str | None = None) -> Submission:
-    """Send ``sonosynth ARGV`` as a Ray job; returns at once (``follow`` waits for it)."""
+    """Send ``sonosynth ARGV`` as a Ray job; returns at once (``follow`` waits for it). What
+    the job gets is checked here first: no secret travels with it (``check_secrets``,
+    ``job_env_vars``), and a refusal (exit 2) sends nothing."""
     check_verb(argv)
-    jobs = client(address, token_file)
     recipe = local_recipe(argv)
+    recipe_yaml = resolved_recipe_yaml(recipe) if recipe else None
+    check_secrets(argv, recipe_yaml)  # refused before the cluster is contacted
+    job_env_vars(env_names)
+    jobs = client(address, token_file)
     folder, what = package_to_ship(package)
-    env, names = runtime_env(folder, what, env_names, resolved_recipe_yaml(recipe) if recipe else None)
+    env, names, warnings = runtime_env(folder, what, env_names, recipe_yaml)
     command = entrypoint(argv)
     try:
         sid = jobs.submit_job(entrypoint=command, runtime_env=env, submission_id=submission_id,
@@ -329,7 +394,7 @@ def submit(argv: list[str], address: str | None = None, *, package: str = "wheel
     except (RuntimeError, _ray_error()) as err:
         raise _explain(err, resolve_address(address)) from None
     return Submission(sid, resolve_address(address), command, what, names,
-                      path_warnings(argv[1:] if recipe else argv))
+                      warnings + path_warnings(argv[1:] if recipe else argv))
 
 
 def exit_code(info) -> int:

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sonosynth.infra.secrets import redact_uri
 from sonosynth.infra.storage import open_storage
 from sonosynth.launch.pipeline.tables import to_csv as table_csv
 from sonosynth.launch.pipeline.tables import to_markdown as table_markdown
@@ -46,23 +47,24 @@ class RunReport:
 
     def summary(self, rows: list[dict[str, Any]], status: str) -> dict[str, Any]:
         return {"name": self.cfg.name, "out": self.root, "status": status, "failed": self.failure,
-                "pipeline_key": self.pkey, "tracking": {"uri": self.uri, "experiment": self.experiment,
+                "pipeline_key": self.pkey, "tracking": {"uri": redact_uri(self.uri), "experiment": self.experiment,
                                                         "run_id": self.parent.run_id if self.parent else None},
                 "stages": rows, "promotion": self.promotion(),
                 "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
     def ui_command(self) -> str:
-        if self.uri.startswith("sqlite:///"):
+        uri = redact_uri(self.uri)
+        if uri.startswith("sqlite:///"):
             exe = shutil.which("mlflow") or str(Path(sys.executable).with_name("mlflow"))
             try:
                 exe = str(Path(exe).relative_to(Path.cwd()))
             except ValueError:
                 pass
-            return f"{exe} ui --backend-store-uri {self.uri}  (then open http://127.0.0.1:5000)"
-        if self.uri.startswith("http"):
+            return f"{exe} ui --backend-store-uri {uri}  (then open http://127.0.0.1:5000)"
+        if uri.startswith("http"):
             run_id = self.parent.run_id if self.parent else None
-            return f"open {self.uri.rstrip('/')}" + (f"/#/runs/{run_id}" if run_id else "")
-        return f"mlflow ui --backend-store-uri {self.uri}"
+            return f"open {uri.rstrip('/')}" + (f"/#/runs/{run_id}" if run_id else "")
+        return f"mlflow ui --backend-store-uri {uri}"
 
 
 
@@ -184,7 +186,7 @@ def render_html(r: Run, rows: list[dict[str, Any]], status: str) -> str:
 <html lang="en"><head><meta charset="utf-8"><title>{title}</title><style>{STYLE}</style></head><body>
 <h1>{title}</h1>
 <p>Status: <b class="{status}" id="status">{status}</b>; output {html.escape(r.root)};
-MLflow run {html.escape(run_id or 'none')} at {html.escape(r.uri)};
+MLflow run {html.escape(run_id or 'none')} at {html.escape(redact_uri(r.uri))};
 written {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}.</p>
 {failure}
 <h2 id="synthetic">Synthetic image+mask pairs</h2>

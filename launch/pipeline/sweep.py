@@ -20,6 +20,7 @@ from typing import Any
 from pydantic import model_validator
 
 from sonosynth.infra.config import Config, ConfigError, set_dotted
+from sonosynth.infra.secrets import redact_obj
 from sonosynth.infra.stage import Report, StageFailed
 from sonosynth.infra.storage import StorageConfig, open_storage
 from sonosynth.infra.tracking import TrackingConfig
@@ -151,13 +152,15 @@ def run(cfg: SweepConfig) -> Report:
         log.warning("sweep cell %d/%d: %s", i, len(cells), name)
         row: dict[str, Any] = {**cell, "cell": name}
         try:
-            trained = stage.run(cell_config(cfg, cell, stage.config_class))
+            cell_cfg = cell_config(cfg, cell, stage.config_class)
+            trained = stage.run(cell_cfg)
             row["train_run"] = trained.tracking.get("run_id")
-            row["train_uri"] = trained.tracking.get("uri")
+            row["train_uri"] = cell_cfg.tracking.resolved_uri()  # the report's URI has its password masked
             if evaluate is not None:
-                scored = evaluate.run(_eval_config(cfg, trained.outputs["model"], cell, evaluate.config_class))
+                eval_cfg = _eval_config(cfg, trained.outputs["model"], cell, evaluate.config_class)
+                scored = evaluate.run(eval_cfg)
                 row["eval_run"] = scored.tracking.get("run_id")
-                row["eval_uri"] = scored.tracking.get("uri")
+                row["eval_uri"] = eval_cfg.tracking.resolved_uri()
         except (StageFailed, ConfigError) as err:
             failures[name] = str(err).splitlines()[0]
             log.error("sweep cell %s failed: %s", name, failures[name])
@@ -166,7 +169,7 @@ def run(cfg: SweepConfig) -> Report:
     storage = open_storage(cfg.out, cfg.storage)
     storage.put_text("results.csv", to_csv(table))
     storage.put_text("results.md", to_markdown(table))
-    storage.put_text("summary.json", json.dumps({"cells": rows, "failed": failures}, indent=1, default=str))
+    storage.put_text("summary.json", json.dumps(redact_obj({"cells": rows, "failed": failures}), indent=1, default=str))
     out = cfg.out.rstrip("/")
     text = f"sweep of {cfg.stage} over {len(cells)} cells ({len(failures)} failed)\n" + to_markdown(table)
     return Report(stage="sweep", out=cfg.out, text=text, figures={"cells": len(cells), "failed": failures},

@@ -12,6 +12,7 @@ from pydantic import model_validator
 from sonosynth.infra.config import Config, set_dotted
 from sonosynth.infra.jobdir import offline_dir_for
 from sonosynth.infra.model_registry import CHALLENGER, CHAMPION, Registry, fetch_model_folder
+from sonosynth.infra.secrets import redact_uri
 from sonosynth.infra.stage import Report, StageFailed
 from sonosynth.infra.storage import StorageConfig, open_storage
 from sonosynth.infra.tracking import Tracker, TrackingConfig
@@ -158,7 +159,7 @@ def run(cfg: PromoteConfig, score: Callable[[str, str], Figures] | None = None) 
     tracker.start(tags={"sonosynth.stage": "promote", "sonosynth.out": cfg.out, "sonosynth.model": cfg.model})
     if tracker.enabled and tracker.offline:
         tracker.close("FAILED")
-        return _deferred(cfg, f"MLflow at {cfg.tracking.resolved_uri()} is unreachable")
+        return _deferred(cfg, f"MLflow at {redact_uri(cfg.tracking.resolved_uri())} is unreachable")
     registry = Registry(cfg.tracking.resolved_uri())
     try:
         version = cfg.version or registry.latest(cfg.model)

@@ -187,19 +187,19 @@ def test_a_training_job_whose_worker_node_dies_resumes_from_its_last_checkpoint(
     folder, state = cluster
     out = tmp_path / "toy"
     args = [sys.executable, "-c", TOY_DRIVER, str(TOY), str(out), f"ray.address={state['services']['ray-head']['gcs']}",
-            "engine.workers=2", "engine.cpus_per_worker=1", "engine.max_steps=30", "engine.checkpoint_every=10",
+            "engine.workers=2", "engine.cpus_per_worker=1", "engine.max_steps=20", "engine.checkpoint_every=5",
             "engine.max_failures=2", "engine.progress=false", "engine.loader_workers=1", "tracking.enabled=false",
             "step_sleep_s=0.1"]
     proc = subprocess.Popen(args, cwd=tmp_path, env=env_for(state), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     node_pid = stack.load_state(folder)["services"][worker_node]["pid"]
-    procs.wait_until(lambda: procs.checkpoint(out, 10).exists(), proc, timeout=300, what="the first checkpoint")
+    procs.wait_until(lambda: procs.checkpoint(out, 5).exists(), proc, timeout=300, what="the first checkpoint")
     assert any("RayTrainWorker" in " ".join(p.cmdline()) for p in _children(node_pid)), "no rank on the worker node"
     stack.kill_service(folder, worker_node)
     stack.add_worker_node(folder, num_cpus=1)  # the replacement node the restarted worker group needs
     output = finish(proc, timeout=400)
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["resumed_from_step"] >= 10 and summary["workers"] == 2, summary
+    assert summary["resumed_from_step"] >= 5 and summary["workers"] == 2, summary
     assert "resuming from checkpoint step" in output
 
 

@@ -197,6 +197,52 @@ def test_ctrl_c_stops_the_job_and_jobs_verbs_see_it(up, work, train_job, procs):
     assert "sonosynth 0.1.0 from" in procs.cli(["jobs", "logs", job], env=env, cwd=work).stdout
 
 
+LEAKS = {"AWS_ACCESS_KEY_ID": "AKIASONOSYNTHLEAKTEST1", "AWS_SECRET_ACCESS_KEY": "sonosynth-leak-secret-4b7d1e9a0c",
+         "MLFLOW_TRACKING_PASSWORD": "sonosynth-leak-mlflow-password-2c"}
+DB_PASSWORD = "leak-db-password-XYZ"
+
+
+def test_no_secret_reaches_a_jobs_runtime_env_command_or_logs(up, work, procs):
+    """The client holds distinctive secrets (S3 keys, an MLflow password, the password in its
+    tracking URI, the stack's Ray token in RAY_AUTH_TOKEN); none of them is in what the job
+    server keeps (runtime env, entrypoint, metadata), the job's logs, what submit printed or the
+    job's outputs in S3."""
+    state, mlflow = up["state"], up["env"]["MLFLOW_TRACKING_URI"]
+    token = Path(state["token_file"]).read_text().strip()
+    env = {**{k: v for k, v in up["env"].items() if k != "RAY_AUTH_TOKEN_PATH"}, **LEAKS, "RAY_AUTH_TOKEN": token,
+           "MLFLOW_TRACKING_URI": mlflow.replace("http://", f"http://sonosynth:{DB_PASSWORD}@", 1)}
+    forbidden = [*LEAKS.values(), DB_PASSWORD, token]
+
+    refused = procs.cli(["submit", "--env", "AWS_SECRET_ACCESS_KEY", "--", "config", "generate"], env=env, cwd=work,
+                        check=False)
+    assert refused.returncode == 2 and "--env AWS_SECRET_ACCESS_KEY: AWS_SECRET_ACCESS_KEY holds a secret" \
+        in refused.stderr, refused.stderr[-2000:]
+    out = "s3://sonosynth/secrets/ingest"
+    proc = procs.cli(["submit", "--wait", "--", "ingest", "--cohort", "phantom", "--num-samples", "4", "--out", out,
+                      "--set", "cohort.phantom.height=64", "--set", "cohort.phantom.width=64", "--no-progress"],
+                     env=env, cwd=work)  # authenticated with RAY_AUTH_TOKEN alone: the token was there to leak
+    assert "warning: MLFLOW_TRACKING_URI holds a password; the job gets " + mlflow in proc.stderr, proc.stderr
+    assert "ingested 4 samples" in proc.stdout
+    jobs = _jobs_client(state)
+    sid = _job_id(proc.stderr)
+    info = jobs.get_job_info(sid)
+    assert info.runtime_env["env_vars"]["MLFLOW_TRACKING_URI"] == mlflow  # stripped, and the job still ran
+    kept = json.dumps({"runtime_env": info.runtime_env, "entrypoint": info.entrypoint, "metadata": info.metadata,
+                       "listed": [j.runtime_env for j in jobs.list_jobs() if j.submission_id == sid]})
+    texts = {"the job's record": kept, "the job's logs": jobs.get_job_logs(sid),
+             "submit's output": proc.stdout + proc.stderr + refused.stdout + refused.stderr}
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=up["env"]["AWS_ENDPOINT_URL"], aws_access_key_id="testing",
+                      aws_secret_access_key="testing", region_name="us-east-1")
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket="sonosynth", Prefix="secrets/")["Contents"]]
+    assert {"secrets/ingest/config.yaml", "secrets/ingest/job.json"} <= set(keys)
+    for key in keys:
+        texts[f"s3://sonosynth/{key}"] = s3.get_object(Bucket="sonosynth", Key=key)["Body"].read().decode("latin-1")
+    leaks = [f"{where}: {value[:12]}..." for where, text in texts.items() for value in forbidden if value in text]
+    assert not leaks, "secrets reached the job:\n" + "\n".join(leaks)
+
+
 NIGHTLY = ["submit", "--wait", "--", "pipeline", "nightly_heads_tiny", "--set", "out=s3://sonosynth/nightly",
            "--set", "real.cohort.src=s3://sonosynth/sources/hc18", "--set", "evalset.cohort.src=s3://sonosynth/sources/es",
            "--no-progress"]
