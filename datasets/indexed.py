@@ -9,6 +9,13 @@ their completion record (``_done/``), so they are reused across runs and verifie
 without a record is fetched once per process. Items are the streaming reader's:
 {key, image: uint8 [1,H,W], mask: uint8 [1,H,W] or None, meta: dict}.
 
+Damaged inputs follow ``on_error`` (``reader.ReaderConfig``): with ``raise`` a shard the
+manifest lists that is missing, a truncated shard, a sample the manifest lists that its shard
+lacks, or a member that does not decode is a ``CorruptShardError`` naming the shard, the byte
+offset and the member. With ``skip`` the first three leave those samples out of the index and a
+damaged sample is replaced by the next readable one (``ds[i+1]``, wrapping), each logged once
+per shard and counted in ``skipped``. Members named with ``..`` or an absolute path are refused.
+
 ``mix_indexed`` takes exact counts (``mix.choose``: the same keys ``reader.mix`` picks for the
 same seed) from several datasets; ratios are for streaming (``reader.mix``). Named training
 mixes are ``sonosynth.datasets.mix``.
@@ -27,12 +34,13 @@ from typing import Any, Sequence
 import numpy as np
 from torch.utils.data import Dataset
 
-from sonosynth.datasets.manifest import read_manifest
+from sonosynth.datasets.manifest import missing_shard, read_manifest
 from sonosynth.datasets.mix import choose
-from sonosynth.datasets.reader import PixelArena, decode_item
-from sonosynth.datasets.tario import TarError, split_name, tar_members
+from sonosynth.datasets.reader import PixelArena, Skips, add_skipped, corrupt_member, decode_item
+from sonosynth.datasets.records import MemberError, decode_member
 from sonosynth.datasets.shards import ShardRecord, done_key
-from sonosynth.infra.storage import LocalStorage, Storage, StorageConfig, StorageError, open_storage
+from sonosynth.datasets.tario import CorruptShardError, OnError, check_on_error, split_name, tar_members
+from sonosynth.infra.storage import LocalStorage, ObjectNotFound, Storage, StorageConfig, open_storage
 
 MAX_OPEN_SHARDS = 64
 """Shard files one process keeps open at most."""
@@ -50,8 +58,11 @@ def default_cache_dir() -> Path:
 
 def cached_shard(storage: Storage, shard: str, cache_dir: str | Path | None = None) -> Path:
     """A local file with the bytes of ``shard``: the file itself for a local dataset, else a
-    download into ``cache_dir`` (written under a temporary name, renamed when complete)."""
+    download into ``cache_dir`` (written under a temporary name, renamed when complete). A shard
+    that does not exist is a ``CorruptShardError`` (reason ``missing_shard``) naming the manifest."""
     if isinstance(storage, LocalStorage):
+        if not storage.exists(shard):
+            raise missing_shard(storage, shard)
         return Path(storage.uri) / shard
     root = Path(cache_dir) if cache_dir else default_cache_dir()
     record = ShardRecord.load(storage, done_key(shard))
@@ -63,7 +74,10 @@ def cached_shard(storage: Storage, shard: str, cache_dir: str | Path | None = No
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".{path.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     sha = hashlib.sha256()
-    stream = storage.open_read(shard)
+    try:
+        stream = storage.open_read(shard)
+    except ObjectNotFound:
+        raise missing_shard(storage, shard) from None
     try:
         with open(tmp, "wb") as out:
             while chunk := stream.read(1 << 20):
@@ -83,37 +97,70 @@ class ShardDataset(Dataset):
     """One sonosynth dataset (folder or s3:// prefix) as a map-style torch Dataset, in key order."""
 
     def __init__(self, uri: str, *, split: str | None = None, keys: Sequence[str] | None = None,
-                 storage: StorageConfig | None = None, cache_dir: str | Path | None = None):
+                 storage: StorageConfig | None = None, cache_dir: str | Path | None = None,
+                 on_error: OnError = "raise"):
         """``split`` and ``keys`` select samples by the manifest; keys not in it (or not in the
         split) are left out. ``cache_dir`` holds downloaded s3:// shards (default
-        $SONOSYNTH_CACHE_DIR or ~/.cache/sonosynth/shards)."""
+        $SONOSYNTH_CACHE_DIR or ~/.cache/sonosynth/shards). ``on_error``: see the module's docstring."""
         store = open_storage(uri, storage)
         self.uri, self.split, self.storage_config = store.uri, split, storage or StorageConfig()
+        self.on_error, self.skips = check_on_error(on_error), Skips()
         table = read_manifest(store).to_pydict()
         asked = set(keys) if keys is not None else None
-        rows = sorted((k, s) for k, s, sp in zip(table["key"], table["shard"], table["split"])
+        masks = table.get("has_mask") or [None] * len(table["key"])
+        rows = sorted((k, s, bool(m)) for k, s, sp, m in zip(table["key"], table["shard"], table["split"], masks)
                       if (asked is None or k in asked) and (split is None or sp == split))
-        shards = sorted({s for _, s in rows})
-        self.paths = [str(cached_shard(store, s, cache_dir)) for s in shards]
-        members = self._scan(set(k for k, _ in rows))
-        missing = [k for k, _ in rows if k not in members or "image.png" not in members[k][1]]
-        if missing:
-            raise StorageError(f"{self.uri}: {len(missing)} samples of the manifest are not in their shards "
-                               f"(e.g. {missing[:3]}); the dataset is incomplete, re-run the stage that wrote it")
-        self._keys = [k for k, _ in rows]
+        self.paths: list[str] = []
+        self.urls: list[str] = []
+        for shard in sorted({s for _, s, _ in rows}):
+            try:
+                self.paths.append(str(cached_shard(store, shard, cache_dir)))
+                self.urls.append(store.url(shard))
+            except CorruptShardError as err:
+                self.skips.handle(err, self.on_error)
+        members = self._scan({k for k, _, _ in rows})
+        gone = {e.shard for e in self.skips.events}  # shards missing or cut short (already counted)
+        missing = [(k, store.url(s)) for k, s, has_mask in rows if not _complete(members.get(k), has_mask)]
+        self._drop_missing([(k, url) for k, url in missing if url not in gone])
+        dropped = {k for k, _ in missing}
+        self._keys = [k for k, _, _ in rows if k not in dropped]
         self.index = np.array([_row(*members[k]) for k in self._keys], dtype=np.int64).reshape(-1, 9)
         self._files: dict[int, Any] = {}
         self._arena: tuple[int, PixelArena] | None = None
 
+    @property
+    def skipped(self) -> dict[str, int]:
+        """{reason: count} of what ``on_error: skip`` left out (``reader.SKIP_REASONS``), workers included."""
+        return self.skips.totals()
+
     def _scan(self, wanted: set[str]) -> dict[str, tuple[int, dict[str, tuple[int, int]]]]:
         found: dict[str, tuple[int, dict[str, tuple[int, int]]]] = {}
-        for i, path in enumerate(self.paths):
+        for i, (path, url) in enumerate(zip(self.paths, self.urls)):
             with open(path, "rb") as fh:
-                for name, offset, size, _ in tar_members(fh, data=False, where=path):
-                    parts = split_name(name)
-                    if parts is not None and parts[0] in wanted:
-                        found.setdefault(parts[0], (i, {}))[1][parts[1]] = (offset, size)
+                try:
+                    for name, offset, size, _ in tar_members(fh, data=False, where=url):
+                        parts = split_name(name)
+                        if parts is not None and parts[0] in wanted:
+                            found.setdefault(parts[0], (i, {}))[1][parts[1]] = (offset, size)
+                except CorruptShardError as err:
+                    self.skips.handle(err, self.on_error)
+                    broken = split_name(err.member or "")
+                    if broken is not None:  # the sample it broke in is not whole
+                        found.pop(broken[0], None)
         return found
+
+    def _drop_missing(self, missing: list[tuple[str, str]]) -> None:
+        """Samples the manifest lists that their (intact) shards lack: an error, or each skipped."""
+        if missing and self.on_error == "raise":
+            raise CorruptShardError(
+                f"{self.uri}: {len(missing)} samples of the manifest are not in their shards (e.g. "
+                f"{[k for k, _ in missing[:3]]} in {missing[0][1]}); the dataset is incomplete: re-run the stage "
+                "that wrote it, or read past them with the reader's on_error: skip",
+                shard=missing[0][1], reason="missing_sample", member=missing[0][0])
+        for key, url in missing:
+            self.skips.handle(CorruptShardError(f"{url}: sample {key} of the manifest is not in this shard (or "
+                                                "lacks image.png, meta.json or its mask.png)", shard=url,
+                                                reason="missing_sample", member=key), self.on_error)
 
     def __len__(self) -> int:
         return len(self._keys)
@@ -133,26 +180,50 @@ class ShardDataset(Dataset):
             fh = self._files[shard] = open(self.paths[shard], "rb", buffering=0)
         data = os.pread(fh.fileno(), length, start)
         if len(data) != length:
-            raise TarError(f"{self.paths[shard]}: shorter than its index (changed since it was indexed?)")
+            raise CorruptShardError(
+                f"{self.urls[shard]}: is truncated at byte {start + len(data)} (the index needs bytes {start} to "
+                f"{start + length}; local file {self.paths[shard]}): it changed since it was indexed; open the "
+                "dataset again", shard=self.urls[shard], reason="truncated_shard", offset=start + len(data))
         return data
 
     def meta(self, i: int) -> dict[str, Any]:
-        """meta.json of sample ``i``, without decoding its images."""
+        """meta.json of sample ``i``, without decoding its images (a damaged one is an error under any policy)."""
         row = self.index[i].tolist()
-        return json.loads(self._read(row[SHARD], row[START] + row[META], row[META_LEN]))
+        try:
+            return decode_member(self._keys[i], "meta.json",
+                                 self._read(row[SHARD], row[START] + row[META], row[META_LEN]), json.loads)
+        except MemberError as err:
+            raise corrupt_member(err, self.urls[row[SHARD]], row[START] + row[META]) from None
 
     def metas(self) -> list[dict[str, Any]]:
         return [self.meta(i) for i in range(len(self))]
 
     def __getitem__(self, i: int) -> dict[str, Any]:
+        """Sample ``i``; under ``on_error: skip`` a damaged one is counted and the next readable one
+        (``i+1``, ``i+2``, ... wrapping) comes instead."""
+        n = len(self)
+        i = i + n if i < 0 else i
+        for j in [i] + [(i + step) % n for step in range(1, n)]:
+            try:
+                return self._item(j)
+            except CorruptShardError as err:
+                self.skips.handle(err, self.on_error)
+        raise CorruptShardError(f"{self.uri}: no sample of this selection decodes (the warnings above name them); "
+                                "rewrite the dataset", shard=self.uri, reason="unreadable")
+
+    def _item(self, i: int) -> dict[str, Any]:
         shard, start, span, image, image_len, mask, mask_len, meta, meta_len = self.index[i].tolist()
         data = self._read(shard, start, span)
         pid = os.getpid()
         if self._arena is None or self._arena[0] != pid:  # one per process: shared blocks in workers
             self._arena = (pid, PixelArena())
-        return decode_item(self._keys[i], data[image:image + image_len],
-                           data[mask:mask + mask_len] if mask_len >= 0 else None,
-                           data[meta:meta + meta_len], self._arena[1])
+        try:
+            return decode_item(self._keys[i], data[image:image + image_len],
+                               data[mask:mask + mask_len] if mask_len >= 0 else None,
+                               data[meta:meta + meta_len], self._arena[1])
+        except MemberError as err:
+            offset = {"image.png": image, "mask.png": mask, "meta.json": meta}[err.ext]
+            raise corrupt_member(err, self.urls[shard], start + offset) from None
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_files": {}, "_arena": None}
@@ -161,6 +232,11 @@ class ShardDataset(Dataset):
         for fh in self._files.values():
             fh.close()
         self._files.clear()
+
+
+def _complete(found: tuple[int, dict[str, tuple[int, int]]] | None, has_mask: bool) -> bool:
+    """A sample's members are all in its shard: image, meta and (when the manifest says so) mask."""
+    return found is not None and {"image.png", "meta.json", *(["mask.png"] if has_mask else [])} <= found[1].keys()
 
 
 def _row(shard: int, members: dict[str, tuple[int, int]]) -> list[int]:
@@ -195,6 +271,11 @@ class IndexedMix(Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         ds, j = self.locate(i)
         return ds[j]
+
+    @property
+    def skipped(self) -> dict[str, int]:
+        """{reason: count} of what its datasets skipped (``on_error: skip``)."""
+        return add_skipped(ds.skipped for ds, _ in self.parts)
 
     def keys(self) -> list[str]:
         return [ds.key(int(j)) for ds, chosen in self.parts for j in chosen]

@@ -8,6 +8,7 @@ from typing import Any, Iterable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from sonosynth.datasets.tario import CorruptShardError
 from sonosynth.infra.storage import ObjectNotFound, Storage, StorageError
 
 MANIFEST = "manifest.parquet"
@@ -66,3 +67,13 @@ def read_manifest(storage: Storage) -> pa.Table:
             f"(`sonosynth ingest ... --out {storage.uri}` writes one)"
         ) from None
     return pq.read_table(io.BytesIO(data))
+
+
+def missing_shard(storage: Storage, shard: str) -> CorruptShardError:
+    """The error for a shard the manifest lists that storage does not hold (reason ``missing_shard``)."""
+    return CorruptShardError(
+        f"{storage.url(MANIFEST)} lists samples in {storage.url(shard)}, which does not exist: the dataset is "
+        f"incomplete (a shard deleted, or not copied with the manifest); re-run the stage that wrote "
+        f"{storage.uri} (`sonosynth ingest` or `sonosynth generate` with the same --out: it rewrites missing "
+        "shards), or read past it with the reader's on_error: skip",
+        shard=storage.url(shard), reason="missing_shard")

@@ -9,6 +9,12 @@ exactly that many samples from each dataset (a seeded choice from its manifest, 
 + 495 synthetic), ``ratios`` draws from each with those probabilities until the first is
 exhausted. For map-style access (a sampler, exact counts) see ``sonosynth.datasets.indexed``.
 
+Damaged inputs (``ReaderConfig.on_error``): a truncated shard, a member that does not decode,
+or a shard the manifest lists that storage lacks is a ``CorruptShardError`` naming the shard's
+URL, the byte offset and the member (``raise``, the default), or is left out, logged once per
+shard and counted in ``reader.skipped`` (``skip``). Members named with ``..`` or an absolute
+path are refused under both.
+
 The hot path is lean on purpose (issue 13): tar headers are parsed here (``tar_members``,
 1 MiB reads) rather than by ``tarfile`` and WebDataset's per-sample stages, each PNG is
 decoded once, and inside a DataLoader worker the pixels of consecutive samples are packed
@@ -19,21 +25,87 @@ or two shared blocks instead of two per sample. The shards stay plain WebDataset
 from __future__ import annotations
 
 import json
+import logging
+import mmap
 import os
 import random
-from typing import Any, Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from sonosynth.datasets.manifest import read_manifest
+from sonosynth.datasets.manifest import missing_shard, read_manifest
 from sonosynth.datasets.mix import choose
-from sonosynth.datasets.records import Sample, decode_png
+from sonosynth.datasets.records import MemberError, Sample, decode_member, decode_png
 from sonosynth.datasets.shards import SHARDS_DIR
-from sonosynth.datasets.tario import tar_records
+from sonosynth.datasets.tario import REWRITE_FIX, CorruptShardError, OnError, check_on_error, tar_records
+from sonosynth.datasets.tario import ReaderConfig as ReaderConfig  # the reader's config lives beside its errors
 from sonosynth.infra.config import Config
-from sonosynth.infra.storage import StorageConfig, StorageError, open_storage
+from sonosynth.infra.storage import ObjectNotFound, StorageConfig, StorageError, open_storage
+
+log = logging.getLogger(__name__)
+SKIP_REASONS = ("corrupt_sample", "truncated_shard", "missing_shard", "missing_sample")
+"""What ``on_error: skip`` counts: a sample with a member that does not decode (one per sample),
+a shard cut short (one per shard: its rest is skipped), a shard the manifest lists that is not
+there (one per shard), a sample the manifest lists that is not in its intact shard (one per sample)."""
+
+
+@dataclass(frozen=True)
+class Skip:
+    """One thing a reader left out under ``on_error: skip``."""
+
+    shard: str
+    member: str | None
+    offset: int | None
+    reason: str
+    message: str
+
+
+class Skips:
+    """What a reader skipped. The counts live in an anonymous shared mapping, one row per
+    DataLoader worker, so what forked worker processes skip adds up in the parent's reader too
+    (a worker started by pickling, e.g. ``spawn``, counts in its own copy); ``events`` (shard,
+    member, offset, reason) are this process's. Each shard's first problem is logged with its detail."""
+
+    ROWS = 65
+
+    def __init__(self) -> None:
+        self._map = mmap.mmap(-1, self.ROWS * len(SKIP_REASONS) * 8)  # MAP_SHARED: forked workers write here
+        self.counts = np.frombuffer(self._map, dtype=np.int64).reshape(self.ROWS, len(SKIP_REASONS))
+        self.events: list[Skip] = []
+        self.logged: set[str] = set()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"counts": self.counts.copy(), "events": self.events, "logged": self.logged}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__()
+        self.counts[:] = state["counts"]
+        self.events, self.logged = state["events"], state["logged"]
+
+    def handle(self, err: CorruptShardError, on_error: OnError) -> None:
+        """Raise ``err`` (policy 'raise', or a refusal such as an unsafe member name), else count and log it."""
+        if on_error != "skip" or err.reason not in SKIP_REASONS:
+            raise err
+        info = get_worker_info()
+        self.counts[(info.id + 1) % self.ROWS if info else 0, SKIP_REASONS.index(err.reason)] += 1
+        self.events.append(Skip(err.shard, err.member, err.offset, err.reason, str(err)))
+        if err.shard not in self.logged:
+            self.logged.add(err.shard)
+            log.warning("skipped (on_error: skip; later problems of this shard are only counted): %s", err)
+
+    def totals(self) -> dict[str, int]:
+        """{reason: count} over this process and its forked DataLoader workers (reasons with a count only)."""
+        return {r: int(n) for r, n in zip(SKIP_REASONS, self.counts.sum(0)) if n}
+
+
+def corrupt_member(err: MemberError, shard: str, offset: int | None) -> CorruptShardError:
+    """A member that is missing or does not decode, as an error naming its shard and byte offset."""
+    at = f" at byte {offset}" if offset is not None else ""
+    return CorruptShardError(f"{shard}: member {err.member}{at} {err.problem}; {REWRITE_FIX}", shard=shard,
+                             reason="corrupt_sample", offset=offset, member=err.member)
 
 
 def to_tensors(sample: Sample) -> dict[str, Any]:
@@ -85,10 +157,15 @@ def _shared_block(nbytes: int) -> torch.Tensor:
     return torch.empty(0, dtype=torch.uint8).set_(new_shared(nbytes), 0, (nbytes,), (1,))
 
 
-def decode_item(key: str, image: bytes, mask: bytes | None, meta: bytes, arena: PixelArena) -> dict[str, Any]:
-    """The reader's item: {key, image: uint8 [1,H,W], mask: uint8 [1,H,W] or None, meta}."""
-    return {"key": key, "image": arena.tensor(decode_png(image)),
-            "mask": arena.tensor(decode_png(mask)) if mask is not None else None, "meta": json.loads(meta)}
+def decode_item(key: str, image: bytes | None, mask: bytes | None, meta: bytes | None,
+                arena: PixelArena) -> dict[str, Any]:
+    """The reader's item: {key, image: uint8 [1,H,W], mask: uint8 [1,H,W] or None, meta}; a
+    MemberError names a member that is missing or does not decode."""
+    pixels = decode_member(key, "image.png", image, decode_png)
+    mask_pixels = decode_member(key, "mask.png", mask, decode_png) if mask is not None else None
+    meta_dict = decode_member(key, "meta.json", meta, json.loads)
+    return {"key": key, "image": arena.tensor(pixels),
+            "mask": arena.tensor(mask_pixels) if mask_pixels is not None else None, "meta": meta_dict}
 
 
 def _rank_and_world() -> tuple[int, int]:
@@ -109,9 +186,13 @@ class DatasetReader(IterableDataset):
         transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
         storage: StorageConfig | None = None,
         distributed: bool = True,
+        on_error: OnError = "raise",
     ):
-        """``distributed=False`` reads every shard on every rank (small sets each rank needs whole)."""
+        """``distributed=False`` reads every shard on every rank (small sets each rank needs whole).
+        ``on_error``: see ``ReaderConfig``; what was skipped is in ``skipped`` and ``skips.events``."""
         self.uri = uri
+        self.on_error = check_on_error(on_error)
+        self.skips = Skips()
         self.distributed = distributed
         self.split = split
         self.keys = set(keys) if keys is not None else None
@@ -165,31 +246,73 @@ class DatasetReader(IterableDataset):
     def __getstate__(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if k != "_client"}
 
+    @property
+    def skipped(self) -> dict[str, int]:
+        """{reason: count} of what ``on_error: skip`` left out (``SKIP_REASONS``), DataLoader workers included."""
+        return self.skips.totals()
+
     def records(self) -> Iterator[dict[str, Any]]:
         """Raw WebDataset records (bytes per extension) of this worker's wanted samples."""
+        for record in self._records():
+            record.pop("__offsets__", None)
+            yield record
+
+    def _records(self) -> Iterator[dict[str, Any]]:
+        """As ``records``, each with "__offsets__" (the byte offset of each member), under ``on_error``."""
         storage = self._storage()
         for shard in self._my_shards():
-            stream = storage.open_read(shard)
             try:
-                for record in tar_records(stream, storage.url(shard)):
+                stream = storage.open_read(shard)
+            except ObjectNotFound:
+                self.skips.handle(missing_shard(storage, shard), self.on_error)
+                continue
+            try:
+                for record in tar_records(stream, storage.url(shard), offsets=True):
                     if self.wanted is None or record["__key__"] in self.wanted:
                         yield record
+            except CorruptShardError as err:
+                self.skips.handle(err, self.on_error)
             finally:
                 stream.close()
 
+    def _decoded(self, record: dict[str, Any], decode: Callable[[dict[str, Any]], Any]) -> Any:
+        """``decode(record)``, or None when a member is damaged and ``on_error`` is skip."""
+        try:
+            return decode(record)
+        except MemberError as err:
+            offset = record.get("__offsets__", {}).get(err.ext)
+            self.skips.handle(corrupt_member(err, record["__url__"], offset), self.on_error)
+            return None
+
     def samples(self) -> Iterator[Sample]:
         """Decoded samples (numpy arrays), in shard order, with no shuffling."""
-        for record in self.records():
-            yield Sample.from_wds(record)
+        for record in self._records():
+            sample = self._decoded(record, Sample.from_wds)
+            if sample is not None:
+                yield sample
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        records = self.records()
+        records = self._records()
         if self.shuffle_buffer > 1:  # shuffled before decoding: the buffer holds PNG bytes
             records = _buffer_shuffle(records, self.shuffle_buffer, random.Random(f"{self.seed}:{self.epoch}:b"))
         arena = PixelArena()
-        for r in records:
-            item = decode_item(r["__key__"], r["image.png"], r.get("mask.png"), r["meta.json"], arena)
-            yield self.transform(item) if self.transform else item
+
+        def decode(r: dict[str, Any]) -> dict[str, Any]:
+            return decode_item(r["__key__"], r.get("image.png"), r.get("mask.png"), r.get("meta.json"), arena)
+
+        for record in records:
+            item = self._decoded(record, decode)
+            if item is not None:
+                yield self.transform(item) if self.transform else item
+
+
+def add_skipped(counts: Iterable[dict[str, int]]) -> dict[str, int]:
+    """The sum of several readers' ``skipped`` counts."""
+    total: dict[str, int] = {}
+    for c in counts:
+        for reason, n in c.items():
+            total[reason] = total.get(reason, 0) + n
+    return total
 
 
 def _buffer_shuffle(items: Iterator[Any], size: int, rng: random.Random) -> Iterator[Any]:
@@ -232,6 +355,11 @@ class MixedReader(IterableDataset):
         for r in self.readers:
             r.set_epoch(epoch)
 
+    @property
+    def skipped(self) -> dict[str, int]:
+        """{reason: count} skipped by all the mixed readers."""
+        return add_skipped(r.skipped for r in self.readers)
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         rng = random.Random(f"{self.seed}:{self.epoch}:{info.id if info else 0}")
@@ -247,8 +375,9 @@ class MixedReader(IterableDataset):
 
 
 def mix(sources: list[DataSource], *, shuffle_buffer: int = 256, seed: int = 0,
-        transform=None, storage: StorageConfig | None = None) -> IterableDataset:
-    """One stream from several datasets: all with ``count`` or all with ``ratio``."""
+        transform=None, storage: StorageConfig | None = None, on_error: OnError = "raise") -> IterableDataset:
+    """One stream from several datasets: all with ``count`` or all with ``ratio`` (``on_error``:
+    see ``ReaderConfig``; each reader counts its own skips)."""
     by_count = [s.count is not None for s in sources]
     by_ratio = [s.ratio is not None for s in sources]
     if not (all(by_count) or all(by_ratio)):
@@ -266,7 +395,7 @@ def mix(sources: list[DataSource], *, shuffle_buffer: int = 256, seed: int = 0,
                                  f"count {src.count} asks for more. Lower the count.")
             keys = choose(pool, src.count, seed, i)
         readers.append(DatasetReader(src.uri, split=src.split, keys=keys, shuffle_buffer=shuffle_buffer,
-                                     seed=seed + i, transform=transform, storage=storage))
+                                     seed=seed + i, transform=transform, storage=storage, on_error=on_error))
         weights.append(float(src.count if src.count is not None else src.ratio))
     if len(readers) == 1:
         return readers[0]

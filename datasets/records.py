@@ -10,11 +10,12 @@ from __future__ import annotations
 import io
 import json
 import re
+import zlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 
@@ -38,6 +39,31 @@ def decode_png(data: bytes) -> np.ndarray:
         return np.asarray(im.convert("L") if im.mode not in ("L",) else im)
 
 
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, zlib.error, Image.DecompressionBombError)
+"""What PIL and json raise on damaged bytes (a truncated or bit-flipped PNG, broken JSON)."""
+
+
+class MemberError(ValueError):
+    """A member of a record is missing or does not decode; ``member`` is its name (<key>.<ext>).
+    The readers turn it into a ``CorruptShardError`` naming the shard and the byte offset."""
+
+    def __init__(self, key: str, ext: str, problem: str):
+        super().__init__(f"sample {key}: {ext} {problem}")
+        self.key, self.ext, self.member, self.problem = key, ext, f"{key}.{ext}", problem
+
+
+def decode_member(key: str, ext: str, data: bytes | None, decode: Callable[[bytes], Any]) -> Any:
+    """``decode(data)``, or a MemberError naming ``<key>.<ext>`` when it is missing or damaged."""
+    if data is None:
+        raise MemberError(key, ext, "is missing from the shard")
+    try:
+        return decode(data)
+    except UnidentifiedImageError:
+        raise MemberError(key, ext, "does not decode (not an image: the PNG signature or header is damaged)") from None
+    except DECODE_ERRORS as err:
+        raise MemberError(key, ext, f"does not decode ({type(err).__name__}: {err})") from err
+
+
 @dataclass
 class Sample:
     key: str
@@ -56,10 +82,11 @@ class Sample:
 
     @classmethod
     def from_wds(cls, record: dict[str, Any]) -> "Sample":
-        mask = record.get("mask.png")
+        """The sample of a record; a MemberError names a member that is missing or damaged."""
+        key, mask = record["__key__"], record.get("mask.png")
         return cls(
-            key=record["__key__"],
-            image=decode_png(record["image.png"]),
-            mask=decode_png(mask) if mask is not None else None,
-            meta=json.loads(record["meta.json"]),
+            key=key,
+            image=decode_member(key, "image.png", record.get("image.png"), decode_png),
+            mask=decode_member(key, "mask.png", mask, decode_png) if mask is not None else None,
+            meta=decode_member(key, "meta.json", record.get("meta.json"), json.loads),
         )

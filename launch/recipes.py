@@ -1,9 +1,16 @@
-"""Recipes: YAML files that fill a stage config, found by path or by name in configs/."""
+"""Recipes: YAML files that fill a stage config, found by path or by name in configs/.
+
+A recipe holds plain values (strings, numbers, booleans, lists, mappings): it is read with
+YAML's safe loader, and a YAML tag (``!!python/object/apply:...``, ``!custom``) is refused
+with an error naming the file and line before anything is built from it.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Iterable, TypeVar
+
+import yaml
 
 from sonosynth.infra.config import Config, ConfigError, apply_overrides, build, load_yaml, merge
 
@@ -41,10 +48,26 @@ def find_recipe(name_or_path: str) -> Path:
     raise ConfigError(f"no recipe {name_or_path!r}: pass a YAML path or one of {', '.join(known) or '(none)'}")
 
 
+def refuse_tags(path: Path) -> None:
+    """A ConfigError naming the file and line of the first YAML tag in recipe ``path``, if any."""
+    try:
+        tokens = list(yaml.scan(path.read_text(), Loader=yaml.SafeLoader))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return  # load_yaml says what is wrong with the file
+    for token in tokens:
+        if isinstance(token, yaml.TagToken):
+            handle, suffix = token.value
+            raise ConfigError(f"recipe {path}, line {token.start_mark.line + 1}: the YAML tag {handle or ''}{suffix} "
+                              "is not allowed; a recipe holds plain values (strings, numbers, booleans, lists, "
+                              "mappings): remove the tag")
+
+
 def load_recipe(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     """A recipe's mapping, with ``extends: other_recipe`` merged underneath it."""
     if path.resolve() in seen:
         raise ConfigError(f"recipe {path} extends itself (through {' -> '.join(str(p) for p in seen)})")
+    if path.is_file():
+        refuse_tags(path)
     data = load_yaml(path)
     parent = data.pop("extends", None)
     if parent:

@@ -2,9 +2,11 @@
 
 Each rank saves its own DeepSpeed files to a local temp folder and uploads them under
 ``checkpoints/step-<8 digits>/``; after a barrier rank 0 writes ``_COMPLETE.json`` last. A
-checkpoint without it (a job killed while saving) is ignored and later removed. Only
-trainable weights are saved (``exclude_frozen_parameters``): a LoRA checkpoint of SD 1.5
-is megabytes, not gigabytes.
+checkpoint without it (a job killed while saving), or with a damaged one, is never loaded: a
+resume skips it with a warning naming it (and continues from the last complete one), asking for
+it by name (``record``) is a ``CheckpointError`` naming the folder and the marker, and the next
+save removes it. Only trainable weights are saved (``exclude_frozen_parameters``): a LoRA
+checkpoint of SD 1.5 is megabytes, not gigabytes.
 
 The best evaluation so far (``engine.best_metric``) keeps its trainable weights (and buffers)
 in ``best/step-<8 digits>.pt``: the engine exports them as the job's model at the end. A
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -22,15 +25,17 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from sonosynth.infra.stage import StageFailed
 from sonosynth.infra.storage import Storage
 
 PREFIX = "checkpoints"
 COMPLETE = "_COMPLETE.json"
 BEST = "best"
+log = logging.getLogger(__name__)
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be used for this job; the message says why and what to do."""
+class CheckpointError(StageFailed):
+    """A checkpoint cannot be used for this job; the message says why and what to do (exit 1)."""
 
 
 def tag_for(step: int) -> str:
@@ -52,15 +57,52 @@ class CheckpointStore:
         self.storage = storage
         self.keep = keep
 
+    def _marker(self, tag: str) -> dict[str, Any] | None:
+        """The completion record of checkpoint ``tag``; None when it has none, or a damaged one."""
+        key = f"{PREFIX}/{tag}/{COMPLETE}"
+        if not self.storage.exists(key):
+            return None
+        try:
+            record = json.loads(self.storage.get_text(key))
+            if record["tag"] == tag and isinstance(record["step"], int) and isinstance(record["files"], list):
+                return record
+        except (ValueError, KeyError, TypeError):
+            pass
+        log.warning("%s is damaged; checkpoint %s is treated as incomplete", self.storage.url(key), tag)
+        return None
+
+    def _tags(self) -> list[str]:
+        """Every checkpoint folder, complete or not, in step order."""
+        return sorted({k.split("/")[1] for k in self.storage.list(f"{PREFIX}/") if k.count("/") >= 2})
+
     def completed(self) -> list[dict[str, Any]]:
         """Records of complete checkpoints, oldest first."""
-        keys = [k for k in self.storage.list(f"{PREFIX}/") if k.endswith("/" + COMPLETE)]
-        records = [json.loads(self.storage.get_text(k)) for k in keys]
+        records = [r for r in map(self._marker, self._tags()) if r is not None]
         return sorted(records, key=lambda r: r["step"])
 
     def latest(self) -> dict[str, Any] | None:
+        """The last complete checkpoint (what a resume loads); later incomplete ones are skipped with a warning."""
         done = self.completed()
-        return done[-1] if done else None
+        last = done[-1] if done else None
+        complete = {r["tag"] for r in done}
+        for tag in self._tags():
+            if tag not in complete and (last is None or tag > last["tag"]):
+                log.warning("checkpoint %s has no valid %s (its job stopped while saving it): not loaded; %s",
+                            self.storage.url(f"{PREFIX}/{tag}"), COMPLETE,
+                            f"resuming from {last['tag']}" if last else "starting from step 0")
+        return last
+
+    def record(self, tag: str) -> dict[str, Any]:
+        """The record of checkpoint ``tag`` (``step-00000040``), asked for by name; a CheckpointError
+        naming the folder and the missing marker when it is not complete."""
+        record = self._marker(tag)
+        if record is None:
+            done = ", ".join(r["tag"] for r in self.completed()) or "none"
+            raise CheckpointError(
+                f"{self.storage.url(f'{PREFIX}/{tag}')} has no valid {COMPLETE}: the checkpoint is incomplete (its "
+                f"job stopped while saving it) and is never loaded; load a complete one (here: {done}), or re-run "
+                "the job to resume from the last complete one")
+        return record
 
     def save(self, engine, step: int, client_state: dict[str, Any], *, rank: int, world: int) -> None:
         """Every rank calls this (DeepSpeed's save is collective)."""
@@ -89,14 +131,22 @@ class CheckpointStore:
             for key in sorted(keys, key=lambda k: k.endswith(COMPLETE)):  # the marker goes last
                 self.storage.delete(key)
 
-    def load(self, engine, record: dict[str, Any], *, world: int) -> dict[str, Any]:
-        """Restore weights, optimizer and schedule on every rank; returns the client state."""
+    def load(self, engine, record: dict[str, Any] | str, *, world: int) -> dict[str, Any]:
+        """Restore weights, optimizer and schedule on every rank; returns the client state.
+        ``record`` is a complete checkpoint's record, or its tag (checked by ``record``)."""
+        if isinstance(record, str):
+            record = self.record(record)
         if record["world_size"] != world:
             raise CheckpointError(
                 f"checkpoint {record['tag']} in {self.storage.url(PREFIX)} was written by "
                 f"{record['world_size']} workers and this job has {world}: resume with "
                 f"--set engine.workers={record['world_size']}, or start over in a new --set out=...")
         tag = record["tag"]
+        missing = [k for k in record["files"] if not self.storage.exists(k)]
+        if missing:
+            raise CheckpointError(f"checkpoint {self.storage.url(f'{PREFIX}/{tag}')} lacks {len(missing)} of the "
+                                  f"files its {COMPLETE} lists (e.g. {missing[0]}); delete the folder to resume "
+                                  "from the previous complete checkpoint, or start over in a new --set out=...")
         with tempfile.TemporaryDirectory(prefix="sonosynth-ckpt-") as tmp:
             for key in record["files"]:
                 dest = Path(tmp) / tag / key.split(f"{tag}/", 1)[1]

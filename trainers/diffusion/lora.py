@@ -2,7 +2,9 @@
 
 The saved folder holds ``pytorch_lora_weights.safetensors`` with the LoRA config (rank,
 alpha, targets) in its metadata, so ``pipe.load_lora_weights(folder)`` restores the exact
-scaling even when alpha differs from rank.
+scaling even when alpha differs from rank. A LoRA is only ever read as safetensors:
+``check_lora_weights`` refuses anything else (a pickle, random bytes, a truncated file) before
+it is loaded, and nothing here calls ``torch.load``.
 """
 
 from __future__ import annotations
@@ -14,8 +16,34 @@ import torch
 from pydantic import model_validator
 
 from sonosynth.infra.config import Config
+from sonosynth.infra.stage import StageFailed
 
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+LORA_FOLDER = (f"a LoRA folder must hold {WEIGHTS_NAME} (safetensors, as `sonosynth train-lora` writes it; pickled "
+               ".bin/.pt weights are never loaded) and its lineage.json")
+
+
+class LoraFileError(StageFailed):
+    """A LoRA folder whose weights are not a readable safetensors file; names the file (exit 1)."""
+
+
+def check_lora_weights(folder: str | Path) -> Path:
+    """The LoRA weights file of ``folder``, checked to be a whole safetensors file holding tensors
+    (its header and sizes are read; nothing is unpickled); else a LoraFileError naming it."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(folder) / WEIGHTS_NAME
+    if not path.is_file():
+        raise LoraFileError(f"{Path(folder)} holds no {WEIGHTS_NAME}: {LORA_FOLDER}; point the LoRA at the model/ "
+                            "folder of a train-lora run")
+    try:
+        with safe_open(str(path), framework="pt") as weights:
+            if not list(weights.keys()):
+                raise ValueError("it holds no tensors")
+    except (SafetensorError, OSError, ValueError) as err:
+        raise LoraFileError(f"{path} is not a readable safetensors file ({err}): {LORA_FOLDER}; re-run "
+                            "`sonosynth train-lora`, or point the LoRA at the model/ folder of a run") from None
+    return path
 
 
 class LoraConfig(Config):

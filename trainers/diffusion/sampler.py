@@ -5,7 +5,8 @@ with a batch of ``SampleSpec``; each spec carries its own seed, so an image depe
 spec alone, never on which batch or worker drew it. The LoRA comes from a folder (local or
 ``s3://``) or MLflow (``models:/sonosynth-lora@champion``, ``models:/sonosynth-lora/3``,
 ``runs:/<run id>/model``); its ``lineage.json`` supplies the mode, prompts, resolution and
-clip-skip it was trained with.
+clip-skip it was trained with. Its weights are checked to be safetensors before use
+(``check_lora_weights``) and loaded as safetensors only: a pickle is never unpickled.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 from pydantic import model_validator
 
 from sonosynth.infra.config import Config
-from sonosynth.trainers.diffusion.lora import WEIGHTS_NAME
+from sonosynth.trainers.diffusion.lora import LORA_FOLDER, WEIGHTS_NAME, LoraFileError, check_lora_weights
 from sonosynth.trainers.diffusion.models import DiffusionModelConfig, build_pipeline
 from sonosynth.trainers.precision import resolve_precision
 
@@ -74,11 +75,14 @@ class SampleSpec:
 
 
 def fetch_lora(source: str, tracking_uri: str | None = None) -> Path:
-    """A local folder holding the LoRA (downloaded from S3 or MLflow when needed)."""
+    """A local folder holding the LoRA (downloaded from S3 or MLflow when needed), its weights
+    checked to be safetensors (a ``LoraFileError`` naming the file otherwise)."""
     from sonosynth.infra.model_registry import fetch_model_folder
 
-    return fetch_model_folder(source, tracking_uri, required=WEIGHTS_NAME, what="LoRA",
-                              hint="the model/ folder written by `sonosynth train-lora`, or its MLflow model")
+    folder = fetch_model_folder(source, tracking_uri, required=WEIGHTS_NAME, what="LoRA",
+                                hint="the model/ folder written by `sonosynth train-lora`, or its MLflow model")
+    check_lora_weights(folder)
+    return folder
 
 
 def weights_sha256(folder: Path) -> str:
@@ -100,7 +104,13 @@ def resolve_lora(source: str, tracking_uri: str | None = None) -> tuple[Path, st
 def read_lineage(folder: Path | None) -> dict[str, Any]:
     if folder is None or not (folder / "lineage.json").is_file():
         return {}
-    return json.loads((folder / "lineage.json").read_text())
+    try:
+        lineage = json.loads((folder / "lineage.json").read_text())
+    except (ValueError, OSError) as err:
+        raise LoraFileError(f"{folder / 'lineage.json'} is not readable JSON ({err}): {LORA_FOLDER}") from None
+    if not isinstance(lineage, dict):
+        raise LoraFileError(f"{folder / 'lineage.json'} is not a JSON object: {LORA_FOLDER}")
+    return lineage
 
 
 class Sampler:
@@ -110,26 +120,24 @@ class Sampler:
                  lora_dir: Path | str | None = None, lora_sha256: str | None = None):
         """``lora_dir``/``lora_sha256``: a LoRA the driver already fetched and hashed
         (``resolve_lora``), used as is; without them ``cfg.lora`` is fetched (and hashed) here."""
-        from diffusers import schedulers
-
         self.cfg = cfg
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if lora_dir is not None:
             self.lora_dir = Path(lora_dir)
-            if not (self.lora_dir / WEIGHTS_NAME).is_file():
-                raise FileNotFoundError(f"{self.lora_dir} holds no {WEIGHTS_NAME}: pass the folder that "
-                                        "resolve_lora returned")
+            check_lora_weights(self.lora_dir)  # the folder resolve_lora returned
         else:
             self.lora_dir = fetch_lora(cfg.lora, tracking_uri) if cfg.lora else None
         self._lora_sha256 = lora_sha256
         self.lineage = read_lineage(self.lora_dir)
         self.resolution = cfg.resolution or self.lineage.get("resolution") or 512
         self.clip_skip = int(self.lineage.get("clip_skip", cfg.model.clip_skip))
+        from diffusers import schedulers
+
         pipe = build_pipeline(cfg.model)
         name, extra = SCHEDULERS[cfg.scheduler]
         pipe.scheduler = getattr(schedulers, name).from_config(pipe.scheduler.config, **extra)
         if self.lora_dir is not None:
-            pipe.load_lora_weights(str(self.lora_dir))
+            pipe.load_lora_weights(str(self.lora_dir), weight_name=WEIGHTS_NAME, use_safetensors=True)
             pipe.fuse_lora(lora_scale=cfg.lora_scale)  # one matmul per layer instead of three
             pipe.unload_lora_weights()
         dtype = resolve_precision(cfg.precision, self.device)
