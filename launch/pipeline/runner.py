@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 from sonosynth.infra.config import Config, ConfigError
 from sonosynth.infra.jobdir import offline_dir_for
+from sonosynth.infra.secrets import redact_uri
 from sonosynth.infra.lease import Lease
 from sonosynth.infra.stage import Report, StageFailed
 from sonosynth.infra.storage import open_storage
@@ -127,6 +128,7 @@ class Run(RunTracking, RunReport):
         echo(f"  the previous output of {step.section} is kept in {self.root}/{dest}")
 
     def run_step(self, step: Step) -> Report:
+        self._parent_back()
         stage = _stage(step.stage)
         cfg = self.stage_config(step)
         own = None
@@ -176,6 +178,8 @@ class Run(RunTracking, RunReport):
             return self._execute(lease)
 
     def _execute(self, lease: Lease | None) -> Report:
+        if self.cfg.tracking.enabled:
+            self.replay_offline()  # first: a registration made now is in its section's report below
         runnable, forced = self.selected()
         for step in self.steps:  # what a selected section reads must have finished
             if step.skip or step.section in runnable:
@@ -191,11 +195,10 @@ class Run(RunTracking, RunReport):
                                   f"finished ({self.root}/{step.section}/{step.key} holds no {DONE}); run the "
                                   f"pipeline without {flag} first")
         if self.cfg.tracking.enabled:
-            self.replay_offline()
             self._open_parent()
         previous = _raise_on_sigterm()
         total = len(self.steps)
-        echo(f"pipeline {self.cfg.name or ''} -> {self.root} ({total} sections; MLflow at {self.uri})")
+        echo(f"pipeline {self.cfg.name or ''} -> {self.root} ({total} sections; MLflow at {redact_uri(self.uri)})")
         try:
             for i, step in enumerate(self.steps, 1):
                 head = f"[{i}/{total}] {step.section} ({step.stage})"
@@ -280,6 +283,8 @@ class Run(RunTracking, RunReport):
                     counts["ran" if s == "ran" else "failed" if s == "failed" else "skipped"] += 1
                 self.parent.log_metrics({f"pipeline/{k}": v for k, v in counts.items()}, 0)
                 self.parent.close(status)
+                self._remember_parent()
+                self._adopt_orphans()
         ran = [s for s, st in self.status.items() if st == "ran"]
         skipped = [s for s, st in self.status.items() if st == "skipped (done)"]
         lines = [f"pipeline {self.cfg.name or ''}: {status.lower()}; ran {len(ran)} stages"
@@ -297,7 +302,7 @@ class Run(RunTracking, RunReport):
                                "stages": {r["section"]: {"status": r["status"], "key": r["key"]} for r in rows}},
                       outputs={"report": f"{self.root}/report.html", "lineage": f"{self.root}/lineage.md",
                                "summary": f"{self.root}/pipeline.json"},
-                      tracking={"uri": self.uri, "run_id": self.parent.run_id if self.parent else None,
+                      tracking={"uri": redact_uri(self.uri), "run_id": self.parent.run_id if self.parent else None,
                                 "offline": bool(self.parent and self.parent.offline)},
                       failed=self.failure)
 

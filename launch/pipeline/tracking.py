@@ -10,9 +10,10 @@ from typing import Any
 
 
 from sonosynth.infra.jobdir import offline_dir_for
-from sonosynth.infra.tracking import OFFLINE_FILE, OFFLINE_RUN_FILE, Tracker, TrackingConfig, replay
+from sonosynth.infra.secrets import redact, redact_uri
+from sonosynth.infra.tracking import OFFLINE_FILE, Tracker, TrackingConfig, replay_folder
 
-from sonosynth.launch.pipeline.config import STATE, REPLACED, PipelineConfig
+from sonosynth.launch.pipeline.config import DONE, STATE, REPLACED, PipelineConfig
 from sonosynth.launch.pipeline.plan import Step, _is_local
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,10 @@ class RunTracking:
     uri: str
     experiment: str
     parent: Tracker | None
+    reports: dict[str, dict[str, Any]]
+    status: dict[str, str]
+    _recorded_parent: str | None = None
+    _late_parent: bool = False
 
     def _tracking(self, **extra: Any) -> TrackingConfig:
         base = self.cfg.tracking.model_dump(exclude={"uri", "experiment", "parent_run_id", "tags", "run_name"})
@@ -48,18 +53,55 @@ class RunTracking:
     def _open_parent(self) -> None:
         record_key = f"{self._state_dir()}/run.json"
         record = json.loads(self.storage.get_text(record_key)) if self.storage.exists(record_key) else {}
-        run_id = record.get("run_id") if record.get("uri") == self.uri else None
+        run_id = record.get("run_id") if redact_uri(record.get("uri")) == redact_uri(self.uri) else None
         tracking = self._tracking(run_name=self.cfg.name or "pipeline",
                                   tags={**self.cfg.tracking.tags, "sonosynth.pipeline": self.cfg.name or "pipeline",
                                         "sonosynth.pipeline_id": self.pkey})
         self.parent = Tracker(tracking, offline_dir=self._parent_offline_dir(),
                               experiment=self.experiment, run_id=run_id)
+        self._recorded_parent = run_id
         self.parent.start(tags={"sonosynth.stage": "pipeline", "sonosynth.out": self.root})
-        if self.parent.run_id and self.parent.run_id != run_id:
-            self.storage.put_text(record_key, json.dumps({"run_id": self.parent.run_id, "uri": self.uri}))
+        self._late_parent = self.parent.run_id is None  # MLflow is down at the start: the run comes later
+        self._remember_parent()
         self.parent.log_params({f"key.{s.section}": s.key or "not run" for s in self.steps})
         self.parent.log_params({f"source.{s.section}": f"{s.source['digest']} ({s.source['files']} files)"
                                 for s in self.steps if s.source})
+
+    def _remember_parent(self) -> None:
+        """``run.json`` names the parent run as soon as it exists: the next run reopens it, and a
+        replay nests the sections' runs that never were under it."""
+        if self.parent is None or not self.parent.run_id or self.parent.run_id == self._recorded_parent:
+            return
+        self.storage.put_text(f"{self._state_dir()}/run.json", json.dumps({"run_id": self.parent.run_id,
+                                                                           "uri": redact_uri(self.uri)}))
+        self._recorded_parent = self.parent.run_id
+
+    def _parent_back(self) -> None:
+        """Before a section: a parent run MLflow could not take yet gets another try, so that the
+        section's run nests under it when the server is back."""
+        if self.parent is not None and self.parent.offline:
+            self.parent.reconnect()
+            self._remember_parent()
+
+    def _adopt_orphans(self) -> None:
+        """A parent run created late (MLflow was down at the start and came back while sections
+        ran): the sections' runs made meanwhile without a parent are nested under it."""
+        if not self._late_parent or self.parent is None or not self.parent.run_id \
+                or self.parent.offline:
+            return
+        try:
+            from mlflow import MlflowClient
+
+            client = MlflowClient(self.uri)
+            for section, report in self.reports.items():
+                run_id = ((report or {}).get("tracking") or {}).get("run_id")
+                if self.status.get(section) != "ran" or not run_id:
+                    continue
+                if "mlflow.parentRunId" not in client.get_run(run_id).data.tags:
+                    client.set_tag(run_id, "mlflow.parentRunId", self.parent.run_id)
+        except Exception as err:  # noqa: BLE001 - tracking never stops the pipeline
+            log.warning("could not nest the sections' runs under the pipeline's run %s: %s", self.parent.run_id,
+                        _first_lines(err))
 
     def _stage_tags(self, step: Step) -> dict[str, str]:
         tags = {"sonosynth.pipeline": self.cfg.name or "pipeline", "sonosynth.pipeline_id": self.pkey,
@@ -70,38 +112,91 @@ class RunTracking:
                          "sonosynth.source": str(step.source["uri"])})
         return tags
 
-    def replay_offline(self) -> None:
-        """Deliver what earlier runs could not (their parent runs first, then the stages' records
-        nested under them). Only local outputs keep such records where the pipeline finds them."""
-        if not self.cfg.tracking.enabled or not _is_local(self.root) or not Path(self.root).is_dir():
-            return
+    def _offline_folders(self) -> tuple[dict[Path, str], dict[Path, str]]:
+        """The tracking-offline folders holding records: ({parent's folder: pipeline id},
+        {section's folder: its storage prefix}). This plan's are known without a scan (a remote
+        OUT's are per-output temp folders on this machine); a local OUT is also searched, for
+        earlier plans' and nested jobs' folders (promote's evaluations), not those set aside."""
+        parents = {self._parent_offline_dir(): self.pkey}
+        sections = {offline_dir_for(s.out): f"{s.section}/{s.key}" for s in self.steps if not s.skip and s.key}
         root = Path(self.root)
-        pending = [p.parent for p in root.rglob(f"tracking-offline/{OFFLINE_FILE}") if f"/{REPLACED}/" not in str(p)]
-        if not pending:
+        if _is_local(self.root) and root.is_dir():
+            for file in root.rglob(f"tracking-offline/{OFFLINE_FILE}"):
+                rel = file.parent.parent.relative_to(root)
+                if rel.parts[:1] == (STATE,) and len(rel.parts) == 2:
+                    parents.setdefault(file.parent, rel.parts[1])
+                elif REPLACED not in rel.parts:
+                    sections.setdefault(file.parent, rel.as_posix())
+
+        def pending(folders: dict[Path, str]) -> dict[Path, str]:
+            seen, out = set(), {}
+            for folder, name in sorted(folders.items()):
+                if (folder / OFFLINE_FILE).is_file() and folder.resolve() not in seen:
+                    seen.add(folder.resolve())
+                    out[folder] = name
+            return out
+
+        return pending(parents), pending(sections)
+
+    def _parent_run_of(self, pkey: str) -> dict[str, Any]:
+        key = f"{STATE}/{pkey}/run.json"
+        return json.loads(self.storage.get_text(key)) if self.storage.exists(key) else {}
+
+    def replay_offline(self) -> None:
+        """Deliver what earlier runs into this OUT could not (the pipeline's parent runs first, then
+        the sections' records, nested under them as if the server had never been away), and say so
+        in one line. Delivered records leave their folders; what MLflow still cannot take stays for
+        the next run."""
+        if not self.cfg.tracking.enabled:
             return
-        parents = [p for p in pending if p.parent.parent.name == STATE]
-        print(f"replaying the tracking records of {len(pending)} runs that MLflow could not take earlier", flush=True)
+        parents, sections = self._offline_folders()
+        total = len(parents) + len(sections)
+        if not total:
+            return
+
+        def parent_of(tags: dict[str, str]) -> str | None:
+            """A section's run that never was nests under its pipeline's parent run."""
+            if "sonosynth.pipeline_section" not in tags:
+                return None  # e.g. promote's evaluations: they nest under promote's run
+            return self._parent_run_of(tags.get("sonosynth.pipeline_id", "-")).get("run_id")
+
+        runs, records, registered, done = 0, 0, {}, 0
         try:
-            for folder in parents:
-                pkey = folder.parent.name
-                run_id = replay(folder, self._tracking())
-                record = root / STATE / pkey / "run.json"
-                old = json.loads(record.read_text()) if record.is_file() else {}
-                if not old.get("run_id") or old.get("uri") != self.uri:
-                    record.write_text(json.dumps({"run_id": run_id, "uri": self.uri}))
-            for folder in pending:
-                if folder in parents:
-                    continue
-                how = folder / OFFLINE_RUN_FILE
-                tags = json.loads(how.read_text()).get("tags", {}) if how.is_file() else {}
-                record = root / STATE / tags.get("sonosynth.pipeline_id", "-") / "run.json"
-                parent = json.loads(record.read_text()).get("run_id") if record.is_file() else None
-                replay(folder, self._tracking(parent_run_id=parent))
-        except ConnectionError as err:
-            log.warning("MLflow at %s is still unreachable (%s); the records stay for the next run", self.uri,
-                        _first_lines(err))
+            for folder, pkey in parents.items():
+                got = replay_folder(folder, self._tracking(), one_run=True)  # each invocation reopens it
+                old = self._parent_run_of(pkey)
+                moved = redact_uri(old.get("uri")) != redact_uri(self.uri)
+                if got.runs and (not old.get("run_id") or moved or got.created):
+                    self.storage.put_text(f"{STATE}/{pkey}/run.json", json.dumps({"run_id": got.runs[-1],
+                                                                                   "uri": redact_uri(self.uri)}))
+                runs, records, done = runs + len(got.runs), records + got.records, done + 1
+            for folder, prefix in sections.items():
+                got = replay_folder(folder, self._tracking(), parent_of=parent_of)
+                if got.registered:
+                    self._note_registration(prefix, got.registered)
+                runs, records, done = runs + len(got.runs), records + got.records, done + 1
+                registered.update(got.registered)
         except Exception as err:  # noqa: BLE001 - tracking never stops the pipeline
-            log.warning("replaying tracking records failed (%s); they stay for the next run", _first_lines(err))
+            print(f"tracking: {total - done} of {total} tracking-offline folders could not be replayed "
+                  f"({_first_lines(err)}); they stay for the next run", flush=True)
+            return
+        models = "".join(f"; registered {name} version {v}" for name, v in registered.items())
+        print(f"tracking: replayed {records} records of {runs} runs that MLflow at {redact(self.uri)} could not "
+              f"take earlier ({len(parents)} pipeline, {len(sections)} section folders){models}", flush=True)
+
+    def _note_registration(self, prefix: str, registered: dict[str, str]) -> None:
+        """A model registered at replay goes into its section's report (``${SECTION.tracking.version}``),
+        so a deferred promotion finds it on this run."""
+        key = f"{prefix}/{DONE}"
+        if not self.storage.exists(key):
+            return
+        data = json.loads(self.storage.get_text(key))
+        tracking = data.get("report", {}).get("tracking")
+        if not isinstance(tracking, dict) or tracking.get("version"):
+            return
+        name, version = next(iter(registered.items()))
+        tracking.update(registered_model=tracking.get("registered_model") or name, version=version, offline=False)
+        self.storage.put_text(key, json.dumps(data, indent=1, default=str))
 
     # -- one stage ----------------------------------------------------------------------------
 
@@ -109,7 +204,7 @@ class RunTracking:
         """The stage's own run FAILED with the error; or, if it never opened one, a FAILED run."""
         if not self.cfg.tracking.enabled:
             return
-        error = _first_lines(err)[:4900]
+        error = redact(_first_lines(err))[:4900]
         try:
             from mlflow import MlflowClient
 
