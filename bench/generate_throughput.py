@@ -67,12 +67,13 @@ def paper_loop(lora: Path, args, threads: int) -> float:
     """Paper A's generation: pipeline called per image, UniPC 30 steps, LoRA at scale 0.9."""
     from diffusers import UniPCMultistepScheduler
 
+    from sonosynth.trainers.diffusion.lora import WEIGHTS_NAME
     from sonosynth.trainers.diffusion.models import DiffusionModelConfig, build_pipeline
 
     torch.set_num_threads(threads)
     pipe = build_pipeline(DiffusionModelConfig())
     pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config)
-    pipe.load_lora_weights(str(lora))
+    pipe.load_lora_weights(str(lora), weight_name=WEIGHTS_NAME, use_safetensors=True)
     pipe.set_progress_bar_config(disable=True)
     n = max(8, args.num // 4)
     run = lambda: pipe("a photo of fetal head", height=args.resolution, width=args.resolution,  # noqa: E731

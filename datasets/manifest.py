@@ -66,7 +66,18 @@ def read_manifest(storage: Storage) -> pa.Table:
             f"{storage.url(MANIFEST)} is missing: is {storage.uri} a sonosynth dataset? "
             f"(`sonosynth ingest ... --out {storage.uri}` writes one)"
         ) from None
-    return pq.read_table(io.BytesIO(data))
+    return pq.read_table(pa.BufferReader(arrow_buffer(data)))
+
+
+def arrow_buffer(data: bytes) -> pa.Buffer:
+    """``data`` copied into memory Arrow owns, for reading parquet from memory. Arrow's worker
+    threads may drop the last reference to a reader's source after ``read_table`` returns; when
+    that source is a Python object (``io.BytesIO``, or bytes wrapped by ``pa.BufferReader``) its
+    release takes the GIL, and during interpreter exit that ends the thread inside a C++
+    destructor: the process aborts ("terminate called without an active exception", exit 134)."""
+    out = pa.BufferOutputStream()
+    out.write(data)
+    return out.getvalue()
 
 
 def missing_shard(storage: Storage, shard: str) -> CorruptShardError:

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 import numpy as np
 from pydantic import model_validator
 
+from sonosynth.datasets.tario import OnError, ReaderConfig
 from sonosynth.infra.config import Config, ConfigError
 from sonosynth.infra.seeds import derive_seed
 from sonosynth.infra.storage import StorageConfig
@@ -79,6 +80,8 @@ class MixConfig(Config):
     """Seed of which samples each source's count (or fraction) takes."""
     cache_dir: str | None = None
     """Local folder for s3:// shards (null: $SONOSYNTH_CACHE_DIR or ~/.cache/sonosynth/shards)."""
+    reader: ReaderConfig = ReaderConfig()
+    """How damaged shards are treated (on_error: raise or skip; skipped samples are counted in the job's metrics)."""
 
     @model_validator(mode="after")
     def _check_sources(self) -> "MixConfig":
@@ -200,14 +203,17 @@ def mix_lineage(parts: Iterable[Taken]) -> dict[str, dict[str, Any]]:
 
 
 def open_mix(parts: Sequence[Taken], storage: StorageConfig | None = None,
-             cache_dir: str | None = None) -> IndexedMix:
-    """The chosen samples of ``parts``, read map-style (an ``IndexedMix``), in part order then key order."""
+             cache_dir: str | None = None, on_error: OnError = "raise") -> IndexedMix:
+    """The chosen samples of ``parts``, read map-style (an ``IndexedMix``), in part order then key order.
+    ``on_error`` (``ReaderConfig``): with skip, samples of damaged or missing shards are left out and
+    counted in the mix's ``skipped`` instead of stopping the job."""
     from sonosynth.datasets.indexed import IndexedMix, ShardDataset
 
-    datasets = [ShardDataset(p.dataset, keys=p.keys, storage=storage, cache_dir=cache_dir) for p in parts]
+    datasets = [ShardDataset(p.dataset, keys=p.keys, storage=storage, cache_dir=cache_dir, on_error=on_error)
+                for p in parts]
     mix = IndexedMix([(ds, np.arange(len(ds))) for ds in datasets])
     expected = [k for p in parts for k in p.keys]
-    if mix.keys() != expected:
+    if on_error != "skip" and mix.keys() != expected:
         missing = sorted(set(expected) - set(mix.keys()))
         raise ConfigError(f"{len(missing)} samples of the manifests are not in their datasets (e.g. {missing[:3]}); "
                           "re-run the stage that wrote them")

@@ -113,7 +113,10 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
-        raise ConfigError(f"recipe {path} is not valid YAML: {err}") from None
+        mark = getattr(err, "problem_mark", None)
+        where = f", line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"recipe {path}{where}: not valid YAML ({problem})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"recipe {path} must be a mapping of keys to values, not {type(data).__name__}")
     return data

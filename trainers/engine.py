@@ -22,7 +22,10 @@ group Ray made, restores the last complete checkpoint (weights, optimizer, sched
   are combined (one collective) and the task's ``finalize_metrics`` finishes them; the best
   evaluation by ``best_metric`` keeps its weights;
 - checkpoints every ``checkpoint_every`` steps; at the end rank 0 exports the best (or the
-  last) weights through the task, logs config, lineage and summary, and registers the model.
+  last) weights through the task, logs config, lineage and summary, and registers the model;
+- skipped data: what the task's readers left out under ``reader.on_error: skip``
+  (``task.data_skipped()``, every rank's combined by ``job_skipped``) is logged at the end as
+  ``data/skipped/<reason>`` and in summary.json's ``skipped`` ({} when nothing was).
 """
 
 from __future__ import annotations
@@ -159,6 +162,7 @@ def run(cfg, task_cls: type[TrainTask], ctx: WorkerContext) -> None:
     e = cfg.engine
     task = task_cls(cfg, ctx)
     train_set, eval_set = task_datasets(cfg, task)
+    opened = task.data_skipped()
     total = e.total_steps(len(train_set))
     module = task.module()
     optimizer, scheduler = build_optimizer(task.param_groups(module), cfg.optim, total)
@@ -198,9 +202,25 @@ def run(cfg, task_cls: type[TrainTask], ctx: WorkerContext) -> None:
     finally:
         if job.bar is not None:
             job.bar.close()
+    skipped = job_skipped(ctx, opened, task.data_skipped())
     if ctx.is_main:
-        _finish(job, perf)
+        _finish(job, perf, skipped)
     ctx.barrier()
+
+
+def job_skipped(ctx: WorkerContext, opened: dict[str, int], now: dict[str, int]) -> dict[str, int]:
+    """{reason: count} the job's readers skipped, from each rank's ``task.data_skipped()`` when its
+    datasets were built (``opened``: every rank opens all the data, so the most any rank counted)
+    and at the end (``now``: what each rank's reads skipped after that, added up)."""
+    total: dict[str, int] = {}
+    shares = ctx.all_gather((opened, {r: n - opened.get(r, 0) for r, n in now.items()}))
+    for at_open, _ in shares:
+        for reason, n in at_open.items():
+            total[reason] = max(total.get(reason, 0), n)
+    for _, later in shares:
+        for reason, n in later.items():
+            total[reason] = total.get(reason, 0) + n
+    return {reason: n for reason, n in sorted(total.items()) if n}
 
 
 def _log_start(job: Job) -> None:
@@ -339,7 +359,7 @@ def _save_checkpoint(job: Job, done: int) -> None:
         job.store.prune_best(job.store.best_steps_in_use() | current)
 
 
-def _finish(job: Job, perf: dict[str, Any]) -> None:
+def _finish(job: Job, perf: dict[str, Any], skipped: dict[str, int]) -> None:
     from sonosynth.trainers.config import job_fingerprint
 
     cfg, ctx, tracker, state = job.cfg, job.ctx, job.tracker, job.state
@@ -376,12 +396,15 @@ def _finish(job: Job, perf: dict[str, Any]) -> None:
                                                                   "registered_model": name}))
     if best:
         tracker.log_metrics({f"best/{best['metric']}": best["value"]}, best["step"])
+    if skipped:
+        tracker.log_metrics({f"data/skipped/{reason}": n for reason, n in skipped.items()}, job.total)
     summary = {
         "job": job_fingerprint(cfg), "task": cfg.task, "steps": job.total, "examples": job.examples,
         "eval_examples": state.eval_examples, "workers": ctx.world, "resumed_from_step": state.resumed_from_step,
         "loss_first": state.loss_first, "loss_last": state.loss_last,
         "eval_start": state.eval_start, "eval_end": state.eval_last,
         "best": dict(best) if best else None,
+        "skipped": skipped,
         "perf": perf or None,
         "model": ctx.storage.url("model"), "lineage": lineage,
         "mlflow": {"uri": tracker.uri if tracker.enabled else None, "run_id": tracker.run_id,

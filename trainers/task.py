@@ -60,7 +60,8 @@ class TrainTask:
     micro-batch ``module.forward(batch, generator)`` where ``batch = collate(items)`` moved to
     the device, per evaluation batch ``eval_step(module, batch)`` and, once the figures of every
     rank are combined, ``finalize_metrics(reduced)``, and (rank 0) at the end
-    ``export(module, folder, tracker)``. ``docs/architecture.md`` walks through a toy task.
+    ``export(module, folder, tracker)``; ``data_skipped()`` once the datasets are built and once the
+    steps are done. ``docs/architecture.md`` walks through a toy task.
     """
 
     def __init__(self, cfg, ctx: WorkerContext):
@@ -105,6 +106,12 @@ class TrainTask:
 
     def on_start(self, tracker: Tracker) -> None:
         """Log what the model will see (rank 0, once per job)."""
+
+    def data_skipped(self) -> dict[str, int]:
+        """{reason: count} of the samples this rank's readers left out so far under the data's
+        ``reader.on_error: skip`` (the readers' ``skipped``). The engine adds up every rank's and logs
+        them as ``data/skipped/<reason>`` and in summary.json's ``skipped``. Default: nothing skipped."""
+        return {}
 
     def export(self, module: torch.nn.Module, folder: Path, tracker: Tracker) -> dict[str, Any]:
         """Write the job's model into ``folder`` (rank 0); returns its lineage (the engine writes it

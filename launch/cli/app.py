@@ -56,9 +56,11 @@ def inspect(
         sonosynth inspect runs/phantom --grid runs/phantom/grid.png
     """
     from sonosynth.datasets.summary import summarize
+    from sonosynth.datasets.tario import CorruptShardError
     from sonosynth.infra.storage import StorageError
 
-    with exit_status(usage=(StorageError,)):  # a dataset that is not there is the caller's to fix
+    # a dataset that is not there is the caller's to fix (2); a damaged one is a failure (1)
+    with exit_status(failed=(CorruptShardError,), usage=(StorageError,)):
         summary = summarize(dataset, grid=grid, grid_samples=samples)
     typer.echo(json.dumps(summary, indent=2))
     if summary["samples_read"] != summary["samples_in_manifest"]:

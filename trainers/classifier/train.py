@@ -5,7 +5,8 @@ label map, a real validation split) is computed from the manifests on every rank
 read map-style from the shards (``datasets.mix.open_mix``), turned into [3, S, S] by the
 transforms of ``data.py`` (the train transform draws from the global RNG, which the engine
 seeds per example, so a resumed job sees the same augmentation), and fed to a backbone of
-``models.py``.
+``models.py``. A damaged shard stops the job naming it; with ``data.reader.on_error: skip`` its
+samples are left out and counted (``data/skipped/<reason>``), labels following the samples read.
 
 - loss: cross-entropy, optionally with label smoothing and inverse-frequency class weights
   (``loss``); ``forward`` also returns the batch accuracy (``train/acc``);
@@ -37,6 +38,8 @@ from pydantic import model_validator
 from torch.utils.data import Dataset
 
 from sonosynth.datasets.mix import open_mix
+from sonosynth.datasets.reader import add_skipped
+from sonosynth.datasets.tario import OnError
 from sonosynth.infra.config import Config, ConfigError
 from sonosynth.infra.seeds import derive_seed
 from sonosynth.trainers.classifier.data import ClassifierAugmentConfig, build_transforms, grayscale_stats
@@ -76,7 +79,8 @@ class ClassifierTrainConfig(TrainStageConfig):
     stage: ClassVar[str] = "train-classifier"
     experiment: ClassVar[str] = "sonosynth-train-classifier"
     registered_model: ClassVar[str] = "sonosynth-classifier"
-    resumable_changes: ClassVar[tuple[str, ...]] = TrainStageConfig.resumable_changes + ("data.cache_dir",)
+    resumable_changes: ClassVar[tuple[str, ...]] = TrainStageConfig.resumable_changes + ("data.cache_dir",
+                                                                                        "data.reader")
     engine_defaults: ClassVar[dict[str, Any]] = {"epochs": 20, "micro_batch": 12, "best_metric": "val/acc",
                                                  "best_mode": "max", "checkpoint_every": 200, "loader_workers": 2}
     """FU-LoRA's 20 epochs at global batch 24 (micro-batch 12 on 2 workers), 2 loader workers per
@@ -93,11 +97,23 @@ class ClassifierTrainConfig(TrainStageConfig):
 
 
 class ClassifierItems(Dataset):
-    """Samples of a data plan's parts -> {pixel_values [3,S,S], label, index}."""
+    """Samples of a data plan's parts -> {pixel_values [3,S,S], label, index}; ``labels`` has one
+    label per key of ``parts``. With ``on_error`` skip, samples of damaged shards are left out (and
+    counted in ``skipped``) and a sample that does not decode comes back as the next readable one of
+    its dataset, with that one's label."""
 
-    def __init__(self, parts: list[Part], labels: list[int], transform, cache_dir: str | None, storage):
-        self.mix = open_mix(parts, storage, cache_dir)
-        self.labels, self.transform = labels, transform
+    def __init__(self, parts: list[Part], labels: list[int], transform, cache_dir: str | None, storage,
+                 on_error: OnError = "raise"):
+        self.mix = open_mix(parts, storage, cache_dir, on_error=on_error)
+        given = iter(labels)
+        self._label = {(ds.uri, k): next(given) for p, (ds, _) in zip(parts, self.mix.parts) for k in p.keys}
+        self.labels = [self._label[ds.uri, ds.key(int(j))] for ds, chosen in self.mix.parts for j in chosen]
+        self.transform = transform
+
+    @property
+    def skipped(self) -> dict[str, int]:
+        """{reason: count} of what ``on_error: skip`` left out."""
+        return self.mix.skipped
 
     def __len__(self) -> int:
         return len(self.mix)
@@ -106,8 +122,10 @@ class ClassifierItems(Dataset):
         return self.mix[i]["image"]
 
     def __getitem__(self, i: int) -> dict[str, Any]:
+        ds, j = self.mix.locate(i)
+        item = ds[j]  # under on_error: skip, a sample that does not decode is replaced by a readable one
         # index=None: the augmentation draws from the global RNG, seeded by the engine per example.
-        return {"pixel_values": self.transform(self.mix[i]["image"], index=None), "label": self.labels[i],
+        return {"pixel_values": self.transform(item["image"], index=None), "label": self._label[ds.uri, item["key"]],
                 "index": i}
 
 
@@ -170,9 +188,10 @@ class ClassifierTask(TrainTask):
         if cfg.model.num_labels is not None and cfg.model.num_labels != len(self.classes):
             raise ConfigError(f"model.num_labels={cfg.model.num_labels} but the job's label map has "
                               f"{len(self.classes)} classes {self.classes}; set model.num_labels to null")
-        self.train_labels = self.plan.train_labels()
         d = cfg.data
-        self.train_items = ClassifierItems(self.plan.train, self.train_labels, None, d.cache_dir, cfg.storage)
+        self.train_items = ClassifierItems(self.plan.train, self.plan.train_labels(), None, d.cache_dir, cfg.storage,
+                                           d.reader.on_error)
+        self.train_labels = self.train_items.labels
         model_cfg = cfg.model
         self.stats = None
         if model_cfg.pixel_mean is None and not model_cfg.pretrained and d.stats_images:
@@ -184,7 +203,8 @@ class ClassifierTask(TrainTask):
                                              cfg.augment, cfg.engine.seed)
         self.train_items.transform, self.eval_transform = train_tf, eval_tf
         val_labels = [self.plan.labels.index(p.planes[k], k) for p in self.plan.val for k in p.keys]
-        self.val_items = ClassifierItems(self.plan.val, val_labels, eval_tf, d.cache_dir, cfg.storage)
+        self.val_items = ClassifierItems(self.plan.val, val_labels, eval_tf, d.cache_dir, cfg.storage,
+                                         d.reader.on_error)
 
     def train_dataset(self) -> ClassifierItems:
         return self.train_items
@@ -195,6 +215,9 @@ class ClassifierTask(TrainTask):
     def module(self) -> ClassifierModule:
         weights = class_weights(self.train_labels, len(self.classes)) if self.cfg.loss.class_weights else None
         return ClassifierModule(self.net, weights, self.cfg.loss.label_smoothing)
+
+    def data_skipped(self) -> dict[str, int]:
+        return add_skipped([self.train_items.skipped, self.val_items.skipped])
 
     def eval_step(self, module: ClassifierModule, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
         logits = module.logits(batch["pixel_values"])

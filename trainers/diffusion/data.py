@@ -20,7 +20,7 @@ from pydantic import model_validator
 from scipy import ndimage
 
 from sonosynth.datasets.labels import PLANES
-from sonosynth.datasets.reader import DatasetReader
+from sonosynth.datasets.reader import DatasetReader, ReaderConfig
 from sonosynth.infra.config import Config
 
 PAPER_A_PROMPT = "a photo of standard maternal fetal ultrasound planes, fetal head"
@@ -62,6 +62,8 @@ class LoraDataConfig(Config):
     """Class mode: at most this many samples per plane (FU-LoRA: 20)."""
     seed: int = 0
     """Seed of the limit / per_class choice."""
+    reader: ReaderConfig = ReaderConfig()
+    """How damaged shards are treated (on_error: raise or skip; skipped samples are counted in the job's metrics)."""
 
     @model_validator(mode="after")
     def _check(self) -> "LoraDataConfig":
@@ -138,10 +140,14 @@ def pack(image: np.ndarray, mask: np.ndarray | None, cfg: LoraDataConfig) -> tor
     return torch.from_numpy(np.stack(channels) * 2.0 - 1.0).float()
 
 
-def load_examples(cfg: LoraDataConfig, storage=None) -> list[Example]:
-    """Read the chosen samples (every rank reads all of them: LoRA sets are small)."""
-    reader = DatasetReader(cfg.dataset, split=cfg.split, storage=storage, distributed=False)
+def load_examples(cfg: LoraDataConfig, storage=None, skipped: dict[str, int] | None = None) -> list[Example]:
+    """Read the chosen samples (every rank reads all of them: LoRA sets are small). ``skipped``, when
+    given, gets {reason: count} of what ``cfg.reader.on_error: skip`` left out."""
+    reader = DatasetReader(cfg.dataset, split=cfg.split, storage=storage, distributed=False,
+                           on_error=cfg.reader.on_error)
     samples = sorted(reader.samples(), key=lambda s: s.key)
+    if skipped is not None:
+        skipped.update(reader.skipped)
     where = f"{cfg.dataset} (split {cfg.split!r})"
     if cfg.mode == "joint":
         samples = [s for s in samples if s.mask is not None]

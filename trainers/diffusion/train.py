@@ -23,7 +23,7 @@ from sonosynth.datasets.records import encode_png
 from sonosynth.infra.config import Config
 from sonosynth.trainers.config import TrainStageConfig
 from sonosynth.trainers.diffusion.data import Example, ExampleDataset, LoraDataConfig, load_examples
-from sonosynth.trainers.diffusion.lora import LoraConfig, add_lora, lora_parameters, save_lora
+from sonosynth.trainers.diffusion.lora import WEIGHTS_NAME, LoraConfig, add_lora, lora_parameters, save_lora
 from sonosynth.trainers.diffusion.models import DiffusionModelConfig, build_components, build_pipeline
 from sonosynth.trainers.task import TrainTask, WorkerContext, encode_once
 from sonosynth.trainers.tasks import register_task
@@ -58,6 +58,7 @@ class LoraTrainConfig(TrainStageConfig):
     stage: ClassVar[str] = "train-lora"
     experiment: ClassVar[str] = "sonosynth-train-lora"
     registered_model: ClassVar[str] = "sonosynth-lora"
+    resumable_changes: ClassVar[tuple[str, ...]] = TrainStageConfig.resumable_changes + ("data.reader",)
 
     data: LoraDataConfig
     """Training examples and how they are packed."""
@@ -158,7 +159,8 @@ EVAL_DRAWS = 4
 class LoraTask(TrainTask):
     def __init__(self, cfg: LoraTrainConfig, ctx: WorkerContext):
         super().__init__(cfg, ctx)
-        self.examples: list[Example] = load_examples(cfg.data, cfg.storage)
+        self.skipped: dict[str, int] = {}
+        self.examples: list[Example] = load_examples(cfg.data, cfg.storage, self.skipped)
         parts = build_components(cfg.model)
         self.parts = parts
         with torch.random.fork_rng(devices=[]):
@@ -200,6 +202,9 @@ class LoraTask(TrainTask):
         validation split: this loss tracks the fit, it selects nothing unless engine.best_metric says so)."""
         n = min(self.cfg.eval_examples, len(self.examples))
         return ExampleDataset(self.examples, self.prompt_row, self.latent_cache, range(n)) if n else None
+
+    def data_skipped(self) -> dict[str, int]:
+        return dict(self.skipped)
 
     def collate(self, items: list[dict]) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {"index": torch.tensor([it["index"] for it in items])}
@@ -265,7 +270,7 @@ class LoraTask(TrainTask):
 
         pipe = build_pipeline(self.cfg.model)
         pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
-        pipe.load_lora_weights(str(lora_folder))
+        pipe.load_lora_weights(str(lora_folder), weight_name=WEIGHTS_NAME, use_safetensors=True)
         pipe.to(self.ctx.device)
         pipe.set_progress_bar_config(disable=True)
         p = self.cfg.preview

@@ -15,7 +15,8 @@ module says what SAM's data, forward, metric and export are. The recipe's sectio
   taken from the **augmented** mask with each side pushed out by 0..``box_jitter_px`` px at
   256 px scale, then SAM's own preprocessing (longest side to the encoder's input, normalise,
   pad). The draw of every example comes from the engine's per-example seeding, so a resumed
-  job sees the same examples.
+  job sees the same examples. A damaged shard stops the job naming it; with
+  ``data.reader.on_error: skip`` its samples are left out and counted (``data/skipped/<reason>``).
 - **Validation.** The ``val`` split of the ``real`` source's dataset (or ``data.val``),
   never test, unaugmented, one fixed box per image: ``val/dice`` (MONAI ``compute_dice`` of
   the thresholded low-res logits, per image, empty-vs-empty = 1) and ``val/loss`` choose the
@@ -46,6 +47,7 @@ from pydantic import model_validator
 
 from sonosynth.datasets.augment import PairedAugment, box_from_mask
 from sonosynth.datasets.mix import mix_lineage, open_mix
+from sonosynth.datasets.reader import add_skipped
 from sonosynth.trainers.config import TrainStageConfig
 from sonosynth.trainers.sam.config import SamDataConfig, SamLoraConfig, SamLossConfig
 from sonosynth.trainers.sam.data import SamExamples, plan_sam_data
@@ -62,7 +64,8 @@ class SamTrainConfig(TrainStageConfig):
     stage: ClassVar[str] = "train-sam"
     experiment: ClassVar[str] = "sonosynth-train-sam"
     registered_model: ClassVar[str] = "sonosynth-sam"
-    resumable_changes: ClassVar[tuple[str, ...]] = TrainStageConfig.resumable_changes + ("data.cache_dir",)
+    resumable_changes: ClassVar[tuple[str, ...]] = TrainStageConfig.resumable_changes + ("data.cache_dir",
+                                                                                        "data.reader")
     engine_defaults: ClassVar[dict[str, Any]] = {"epochs": 20, "micro_batch": 5, "best_metric": "val/dice",
                                                  "best_mode": "max"}
     """Paper A's 20 epochs at micro-batch 5, the checkpoint with the best val/dice exported
@@ -152,8 +155,8 @@ class SamTask(TrainTask):
         self.low_res = sam.prompt_encoder.mask_input_size[0]
 
         self.train_parts, self.val_part = plan_sam_data(d, cfg.storage)
-        self.train_source = open_mix(self.train_parts, cfg.storage, d.cache_dir)
-        self.val_source = open_mix([self.val_part], cfg.storage, d.cache_dir)
+        self.train_source = open_mix(self.train_parts, cfg.storage, d.cache_dir, on_error=d.reader.on_error)
+        self.val_source = open_mix([self.val_part], cfg.storage, d.cache_dir, on_error=d.reader.on_error)
         common = dict(work_size=d.image_size, model_size=self.model_size, low_res=self.low_res,
                       jitter_px=d.augment.box_jitter_px, seed=cfg.engine.seed)
         self.train_examples = SamExamples(self.train_source, augment=PairedAugment(d.augment.preset, cfg.engine.seed),
@@ -183,6 +186,9 @@ class SamTask(TrainTask):
     def module(self) -> SamTrainModule:
         return SamTrainModule(self.sam, with_encoder=self.encoder_needed, encoder_grad=not self.cfg.encoder_frozen,
                               loss=self.cfg.loss)
+
+    def data_skipped(self) -> dict[str, int]:
+        return add_skipped([self.train_source.skipped, self.val_source.skipped])
 
     def eval_step(self, module: SamTrainModule, batch: dict[str, torch.Tensor]) -> dict[str, tuple]:
         logits = module.logits(batch).float()

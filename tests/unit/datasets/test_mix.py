@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import pytest
 
@@ -89,3 +90,21 @@ def test_a_mix_of_real_datasets_reads_what_it_took(two_datasets, tmp_path):
         manifests.source("a", MixSource(dataset=a, split="nope"))
     with pytest.raises(ConfigError, match="cannot read the dataset .*sonosynth ingest"):
         Manifests().rows(str(tmp_path / "nothing"))
+
+
+def test_under_skip_a_mix_reads_past_a_missing_shard_and_counts_it(two_datasets, tmp_path):
+    import shutil
+
+    from sonosynth.datasets.tario import CorruptShardError
+
+    root = Path(shutil.copytree(two_datasets[0], tmp_path / "a"))
+    keys = [r["key"] for r in Manifests().rows(str(root))]
+    parts = [Taken("a", str(root), None, len(keys), sorted(keys))]
+    shard = sorted((root / "shards").glob("*.tar"))[0]
+    shard.unlink()
+    with pytest.raises(CorruptShardError, match=f"lists samples in {shard}, which does not exist"):
+        open_mix(parts)
+    mix = open_mix(parts, on_error="skip")  # no "not in their datasets" error: the samples are counted
+    assert len(mix) == len(keys) - 5 and mix.skipped == {"missing_shard": 1}
+    assert build(MixConfig, {"sources": {"a": {"dataset": "d"}}, "reader": {"on_error": "skip"}}).reader.on_error \
+        == "skip"
