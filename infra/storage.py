@@ -285,6 +285,11 @@ class S3Storage(Storage):
             raise
 
     def _gave_up(self, verb: str, url: str, err: BaseException) -> str:
+        from botocore.exceptions import EndpointConnectionError
+
+        if isinstance(err, EndpointConnectionError):
+            return (f"{verb} {url}: S3 endpoint {self.endpoint or '(AWS default)'} is unreachable after "
+                    f"{self.policy.max_attempts} tries ({err}); check AWS_ENDPOINT_URL and the network")
         return (f"{verb} {url} failed after {self.policy.max_attempts} tries at S3 endpoint "
                 f"{self.endpoint or '(AWS default)'} (last: {type(err).__name__}: {str(err)[:200]}); check the "
                 f"endpoint's health and AWS_ENDPOINT_URL, or raise storage.max_attempts; re-running resumes")

@@ -85,7 +85,7 @@ def test_s3_gives_up_after_max_attempts_with_the_endpoint_in_the_message():
     client = FlakyClient([EndpointConnectionError(endpoint_url="http://x")] * 5)
     st = S3Storage("s3://b/p", StorageConfig(max_attempts=3, backoff_s=0.001,
                                              endpoint_url="http://127.0.0.1:1"), client=client)
-    with pytest.raises(StorageError, match=r"put s3://b/p/k failed after 3 tries at S3 endpoint http://127.0.0.1:1"):
+    with pytest.raises(StorageError, match=r"put s3://b/p/k: S3 endpoint http://127.0.0.1:1 is unreachable after 3"):
         st.put_bytes("k", b"v")
     assert client.calls == 3
 
