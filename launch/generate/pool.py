@@ -173,7 +173,9 @@ class SamplerPool:
         import ray
 
         try:
-            free = {k: v for k, v in ray.available_resources().items() if k in ("CPU", "GPU", "memory")}
+            got = ray.available_resources()
+            free = (f"{got.get('CPU', 0):g} CPU, {got.get('GPU', 0):g} GPU, "
+                    f"{got.get('memory', 0) / 2**30:.1f} GiB memory")
             nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
         except Exception:  # noqa: BLE001 - the message must come out even if the GCS is gone
             free, nodes = "unknown", "unknown"
