@@ -120,7 +120,8 @@ def tracking_replay(
         sonosynth tracking-replay runs/lora/tracking-offline \\
             --uri http://mlflow:5000
     """
-    from sonosynth.infra.tracking import TrackingConfig, replay_folder
+    from sonosynth.infra.tracking import TrackingConfig
+    from sonosynth.infra.tracking_replay import replay_folder
 
     with exit_status(usage=(FileNotFoundError,), failed=(ConnectionError,)):
         done = replay_folder(folder, TrackingConfig(uri=uri), experiment=experiment)

@@ -11,7 +11,8 @@ from typing import Any
 
 from sonosynth.infra.jobdir import offline_dir_for
 from sonosynth.infra.secrets import redact, redact_uri
-from sonosynth.infra.tracking import OFFLINE_FILE, Tracker, TrackingConfig, replay_folder
+from sonosynth.infra.tracking import OFFLINE_FILE, Tracker, TrackingConfig
+from sonosynth.infra.tracking_replay import replay_folder
 
 from sonosynth.launch.pipeline.config import DONE, STATE, REPLACED, PipelineConfig
 from sonosynth.launch.pipeline.plan import Step, _is_local

@@ -11,7 +11,8 @@ import pytest
 
 from sonosynth.infra.config import Config
 from sonosynth.infra.local_s3 import _free_port
-from sonosynth.infra.tracking import OFFLINE_FILE, Tracker, TrackingConfig, replay, replay_folder
+from sonosynth.infra.tracking import OFFLINE_FILE, Tracker, TrackingConfig
+from sonosynth.infra.tracking_replay import replay, replay_folder
 from sonosynth.launch.pipeline.config import DONE
 
 
