@@ -87,3 +87,13 @@ class Procs:
 @pytest.fixture(scope="session")
 def procs() -> Procs:
     return Procs()
+
+
+@pytest.fixture(scope="session")
+def tiny_lora(tmp_path_factory) -> Path:
+    """A joint-mode LoRA in the exact format train-lora writes (random adapters, no training)."""
+    from sonosynth.trainers.diffusion.lora import write_random_lora
+    from sonosynth.trainers.diffusion.models import DiffusionModelConfig
+
+    return write_random_lora(tmp_path_factory.mktemp("tiny-lora") / "lora", DiffusionModelConfig(), rank=4,
+                             resolution=64)

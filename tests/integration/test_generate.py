@@ -23,15 +23,6 @@ def work(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("generate")
 
 
-@pytest.fixture(scope="module")
-def tiny_lora(work) -> Path:
-    """A joint-mode LoRA in the exact format train-lora writes (random adapters, no training)."""
-    from sonosynth.trainers.diffusion.lora import write_random_lora
-    from sonosynth.trainers.diffusion.models import DiffusionModelConfig
-
-    return write_random_lora(work / "lora", DiffusionModelConfig(), rank=4, resolution=64)
-
-
 def fingerprint(uri: str, storage=None) -> dict[str, str]:
     """key -> sha256 of image and mask bytes, read back through the project's reader."""
     out = {}

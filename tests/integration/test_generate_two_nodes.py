@@ -35,14 +35,6 @@ def cluster(tmp_path_factory):
         stack.down(folder)
 
 
-@pytest.fixture(scope="module")
-def tiny_lora(tmp_path_factory) -> Path:
-    from sonosynth.trainers.diffusion.lora import write_random_lora
-    from sonosynth.trainers.diffusion.models import DiffusionModelConfig
-
-    return write_random_lora(tmp_path_factory.mktemp("lora") / "lora", DiffusionModelConfig(), rank=4, resolution=64)
-
-
 def env_for(state) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     return {**env, **{k: v for k, v in stack.client_env(state).items() if k.startswith("RAY_")}}

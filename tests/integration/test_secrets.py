@@ -143,14 +143,6 @@ def work(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("secrets")
 
 
-@pytest.fixture(scope="module")
-def tiny_lora(work) -> Path:
-    from sonosynth.trainers.diffusion.lora import write_random_lora
-    from sonosynth.trainers.diffusion.models import DiffusionModelConfig
-
-    return write_random_lora(work / "lora", DiffusionModelConfig(), rank=4, resolution=64)
-
-
 @pytest.fixture
 def secret_env(procs, moto_endpoint, work):
     """The children's environment: the fake secrets, moto's endpoint, a Ray temp folder of our own
