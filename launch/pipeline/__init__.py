@@ -32,6 +32,12 @@ re-run with nothing changed does nothing, and changing one section re-runs it an
 sections that depend on it only. ``from_stage`` re-runs a section and every later one,
 ``only`` one section (their old folders are set aside under ``OUT/<section>/_replaced/``).
 
+A quality section (``stage: quality``) scores the output its ``synthetic.dataset`` names and
+reports a gate; when the gate fails, the sections after it that read that output (the synthetic
+arm) are gated (``on_fail: skip_synthetic``: not run, recorded with the decision) or train
+without their synthetic ``data.sources`` (``train_without``; ``gate.py``). A resumed run reads
+the stored gate back and decides the same.
+
 One pipeline at a time writes OUT: the run takes a lease (``infra/lease.py``) on
 ``OUT/_pipeline/lease.json`` and renews it while it runs; a second run into the same OUT
 exits 1 naming the holder, and the lease of a run that died expires after ``lease.ttl_s``.

@@ -11,16 +11,22 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sonosynth.infra.secrets import redact_uri
-from sonosynth.infra.storage import open_storage
+from sonosynth.launch.pipeline.report_quality import quality_section, read_bytes
+from sonosynth.launch.pipeline.tables import html_cell, html_table
 from sonosynth.launch.pipeline.tables import to_csv as table_csv
 from sonosynth.launch.pipeline.tables import to_markdown as table_markdown
 
 if TYPE_CHECKING:
+    from sonosynth.launch.pipeline.gate import Gate
+    from sonosynth.launch.pipeline.plan import Step
     from sonosynth.launch.pipeline.runner import Run
 
 
 class RunReport:
     """The report half of ``Run`` (``runner.py``)."""
+
+    steps: list[Step]
+    gate_results: dict[str, Gate]
 
     def lineage(self) -> list[dict[str, Any]]:
         rows = []
@@ -37,8 +43,26 @@ class RunReport:
                 "source": f"{step.source['digest']} ({step.source['files']} files)" if step.source else "",
                 "mlflow_run": tr.get("run_id") or "", "model_version": model,
                 "seconds": f"{self.seconds[step.section]:.1f}" if step.section in self.seconds else "",
+                "gate": self._gate_cell(step),
             })
         return rows
+
+    def _gate_cell(self, step: Step) -> str:
+        """The lineage's gate column: a quality section's decision, or what a failed gate did here."""
+        if step.section in self.gate_results:
+            return self.gate_results[step.section].headline()
+        if step.gated_by:
+            return f"gated by {step.gated_by}"
+        if step.without:
+            return f"without data.sources.{', '.join(step.without)} (gate {step.without_by} failed)"
+        return ""
+
+    def gate_summary(self) -> dict[str, dict[str, Any]]:
+        """Each gate read: passed, on_fail, the decision, and the sections it gated or trained without."""
+        return {name: {"scored": g.scored, "passed": g.passed, "on_fail": g.on_fail, "decision": g.decision,
+                       "gated": [s.section for s in self.steps if s.gated_by == name],
+                       "without": {s.section: s.without for s in self.steps if s.without_by == name}}
+                for name, g in self.gate_results.items()}
 
     def promotion(self) -> dict[str, Any] | None:
         name = self.cfg.report.promote or next((s.section for s in self.steps if s.stage == "promote"), None)
@@ -49,7 +73,7 @@ class RunReport:
         return {"name": self.cfg.name, "out": self.root, "status": status, "failed": self.failure,
                 "pipeline_key": self.pkey, "tracking": {"uri": redact_uri(self.uri), "experiment": self.experiment,
                                                         "run_id": self.parent.run_id if self.parent else None},
-                "stages": rows, "promotion": self.promotion(),
+                "stages": rows, "promotion": self.promotion(), "gates": self.gate_summary(),
                 "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
     def ui_command(self) -> str:
@@ -69,7 +93,7 @@ class RunReport:
 
 
 COLUMNS = ("section", "stage", "status", "key", "source", "inputs", "outputs", "mlflow_run", "model_version",
-           "seconds")
+           "seconds", "gate")
 
 
 def to_csv(rows: list[dict[str, Any]]) -> str:
@@ -80,34 +104,18 @@ def to_markdown(rows: list[dict[str, Any]], brief: bool = False) -> str:
     return table_markdown(rows, ("section", "stage", "status", "key", "model_version") if brief else COLUMNS)
 
 
-def _read_bytes(uri: str) -> bytes | None:
-    folder, _, name = uri.rstrip("/").rpartition("/")
-    try:
-        return open_storage(folder or ".").get_bytes(name)
-    except Exception:  # noqa: BLE001 - a missing image leaves a note in the report
-        return None
-
-
-def _f(v: Any) -> str:
-    return "" if v is None else f"{v:.4f}" if isinstance(v, float) else html.escape(str(v))
-
-
-def _table(table_id: str, header: list[str], rows: list[list[Any]]) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{_f(c)}</td>" for c in row) + "</tr>" for row in rows)
-    return f'<table id="{table_id}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
 
 
 def _grid_section(r: Run) -> str:
     name = r.cfg.report.grid or next((s.section for s in r.steps if s.stage == "generate"), None)
     rep = r.reports.get(name) if name else None
     grid = (rep or {}).get("outputs", {}).get("grid")
-    data = _read_bytes(grid) if grid else None
+    data = read_bytes(grid) if grid else None
     if not data:
         return "<p>No synthetic pair grid: no generate section has finished.</p>"
     figures = rep.get("figures") or {}
     note = (f"{figures.get('accepted', figures.get('num_samples', ''))} samples from section {name}; "
-            f"acceptance {_f(figures.get('acceptance_rate'))}") if figures else f"section {name}"
+            f"acceptance {html_cell(figures.get('acceptance_rate'))}") if figures else f"section {name}"
     return (f'<img id="synthetic-grid" alt="synthetic image+mask pairs" src="data:image/png;base64,'
             f'{base64.b64encode(data).decode()}"><p>{html.escape(note)} ({html.escape(grid)})</p>')
 
@@ -138,7 +146,7 @@ def _dice_section(r: Run) -> str:
             row.append(values[-1] - values[0] if values[-1] is not None and values[0] is not None else None)
         row.append(next((v[1] for v in by_label.values() if v[1] is not None), None))
         rows.append(row)
-    return _table("dice-table", header, rows)
+    return html_table("dice-table", header, rows)
 
 
 def _promotion_section(r: Run) -> str:
@@ -166,7 +174,7 @@ def _promotion_section(r: Run) -> str:
     header = ["figure", f"challenger (v{d.get('version')})",
               f"champion (v{d.get('champion_before')})" if d.get("champion_before") else "champion (none)",
               "rule", "passes"]
-    lines.append(_table("promotion-table", header, rows))
+    lines.append(html_table("promotion-table", header, rows))
     return "\n".join(lines)
 
 
@@ -180,7 +188,7 @@ def render_html(r: Run, rows: list[dict[str, Any]], status: str) -> str:
     """report.html: self-contained (the grid is inlined), plain HTML, no scripts."""
     title = html.escape(f"sonosynth pipeline {r.cfg.name or ''}")
     run_id = r.parent.run_id if r.parent else None
-    lineage = _table("lineage-table", list(COLUMNS), [[row[c] for c in COLUMNS] for row in rows])
+    lineage = html_table("lineage-table", list(COLUMNS), [[row[c] for c in COLUMNS] for row in rows])
     failure = f'<p class="FAILED">{html.escape(r.failure)}</p>' if r.failure else ""
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{title}</title><style>{STYLE}</style></head><body>
@@ -191,6 +199,11 @@ written {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}.</p>
 {failure}
 <h2 id="synthetic">Synthetic image+mask pairs</h2>
 {_grid_section(r)}
+<h2 id="quality">Synthetic data quality</h2>
+<p>Each figure of the synthetic set against real data beside the same figure of real data against
+held-out real data (the baseline at the same size), with bootstrap 95% intervals; the gate's decision
+and what the pipeline did about it.</p>
+{quality_section(r)}
 <h2 id="dice">Dice before and after synthetic data</h2>
 {_dice_section(r)}
 <h2 id="promotion">Promotion</h2>

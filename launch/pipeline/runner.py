@@ -25,8 +25,10 @@ from sonosynth.infra.tracking import Tracker
 from sonosynth.launch.pipeline.child import child_config
 from sonosynth.launch.pipeline.config import DONE, LEASE_KEY, REPLACED, EXPERIMENT, PipelineConfig, PipelineFailed
 from sonosynth.launch.pipeline.expressions import DROP, KEEP, _walk
+from sonosynth.launch.pipeline.gate import Gate, read_gate
 from sonosynth.launch.pipeline.plan import Step, _is_local, _stage, pipeline_key, plan
 from sonosynth.launch.pipeline.report import RunReport, render_html, to_csv, to_markdown
+from sonosynth.launch.pipeline.report_quality import gate_effect
 from sonosynth.launch.pipeline.tracking import RunTracking, _first_lines
 
 log = logging.getLogger(__name__)
@@ -57,6 +59,12 @@ class Run(RunTracking, RunReport):
         self.steps = plan(cfg)
         self.by_name = {s.section: s for s in self.steps}
         self.pkey = pipeline_key(self.steps)
+        self.planned_keys = {s.section: s.key for s in self.steps}
+        """The keys before any gate acted: the parent run's params, the same on every resume."""
+        self.gates: dict[str, Gate] = {}
+        """The failed gates acted on (quality section -> its gate): the plan's ``gates``."""
+        self.gate_results: dict[str, Gate] = {}
+        """Every gate read, passed or failed."""
         self.uri = cfg.tracking_uri()
         self.experiment = cfg.tracking.experiment or EXPERIMENT
         self.reports: dict[str, dict[str, Any]] = {}
@@ -158,6 +166,37 @@ class Run(RunTracking, RunReport):
             report.tracking = {"uri": own.uri, "run_id": own.run_id, "offline": own.offline}
         return report
 
+    def take_gate(self, step: Step, head: str | None = None) -> None:
+        """A section whose report carries a gate: a failed one re-plans the sections after it (gate.py),
+        one that passes (again) restores them. ``head``: print the decision on that console line."""
+        gate = read_gate(step, self.reports.get(step.section) or {})
+        if gate is None:
+            return
+        self.gate_results[step.section] = gate
+        acting = gate if gate.acts else None
+        if self.gates.get(step.section) != acting:
+            if acting is None:
+                self.gates.pop(step.section, None)
+            else:
+                self.gates[step.section] = acting
+            self.steps = plan(self.cfg, self.gates, previous=self.steps)
+            self.by_name = {s.section: s for s in self.steps}
+        if head is not None:
+            effect = gate_effect(self, step.section)
+            echo(f"{head}: {gate.headline()}{'; ' + effect if effect else ''}")
+
+    def _read_stored_gates(self, forced: set[str]) -> None:
+        """Gates of quality sections finished earlier, read back first: the plan every later look-up
+        uses (resume, --from, --only, the offline replay) is the one they decided."""
+        for i in range(len(self.steps)):
+            step = self.steps[i]
+            if step.scores is None or step.skip or step.section in forced:
+                continue
+            done = self._done(step)
+            if done is not None:
+                self.reports[step.section] = done["report"]
+                self.take_gate(step)
+
     def selected(self) -> tuple[set[str], set[str]]:
         """(sections to run when not done, sections forced to re-run)."""
         names = [s.section for s in self.steps]
@@ -178,16 +217,19 @@ class Run(RunTracking, RunReport):
             return self._execute(lease)
 
     def _execute(self, lease: Lease | None) -> Report:
+        runnable, forced = self.selected()
+        self._read_stored_gates(forced)
         if self.cfg.tracking.enabled:
             self.replay_offline()  # first: a registration made now is in its section's report below
-        runnable, forced = self.selected()
-        for step in self.steps:  # what a selected section reads must have finished
+        for i in range(len(self.steps)):  # what a selected section reads must have finished
+            step = self.steps[i]  # a gate read back re-plans what comes after it
             if step.skip or step.section in runnable:
                 continue
             done = self._done(step)
             if done is not None:
                 self.reports[step.section] = done["report"]
                 self.inputs[step.section] = done.get("inputs", {})
+                self.take_gate(step)
             needed_by = [s.section for s in self.steps if s.section in runnable and step.section in s.uses]
             if done is None and needed_by:
                 flag = "--only" if self.cfg.only else "--from"
@@ -200,28 +242,33 @@ class Run(RunTracking, RunReport):
         total = len(self.steps)
         echo(f"pipeline {self.cfg.name or ''} -> {self.root} ({total} sections; MLflow at {redact_uri(self.uri)})")
         try:
-            for i, step in enumerate(self.steps, 1):
-                head = f"[{i}/{total}] {step.section} ({step.stage})"
+            for i in range(total):
+                step = self.steps[i]  # re-read: a failed gate re-plans the sections after it
+                head = f"[{i + 1}/{total}] {step.section} ({step.stage})"
                 if lease is not None:
                     lease.check()
                 if step.skip:
-                    self.status[step.section] = f"not run: {step.skip}"
-                    echo(f"{head}: not run ({step.skip})")
+                    self.status[step.section] = step.skip if step.gated_by else f"not run: {step.skip}"
+                    echo(f"{head}: {step.skip}" if step.gated_by else f"{head}: not run ({step.skip})")
                     continue
                 if step.section not in runnable:
                     self.status[step.section] = "skipped (done)" if step.section in self.reports else "not selected"
                     echo(f"{head}: {self.status[step.section]}")
+                    self.take_gate(step, head)
                     continue
                 done = self._done(step)
+                without = (f" without data.sources.{', '.join(step.without)} (gate {step.without_by} failed: "
+                           f"{self.gates[step.without_by].decision})") if step.without else ""
                 if done is not None and step.section not in forced:
                     self.reports[step.section] = done["report"]
                     self.inputs[step.section] = done.get("inputs", {})
                     self.status[step.section] = "skipped (done)"
-                    echo(f"{head}: done earlier, skipped ({step.out})")
+                    echo(f"{head}: done earlier{without}, skipped ({step.out})")
+                    self.take_gate(step, head)
                     continue
                 if step.section in forced:
                     self._set_aside(step)
-                echo(f"{head}: running -> {step.out}")
+                echo(f"{head}: running{without} -> {step.out}")
                 t0 = time.monotonic()
                 try:
                     report = self.run_step(step)
@@ -241,6 +288,7 @@ class Run(RunTracking, RunReport):
                 self.status[step.section] = "ran"
                 echo("\n".join("    " + line for line in report.render().splitlines()))
                 echo(f"{head}: finished in {self.seconds[step.section]:.0f} s")
+                self.take_gate(step, head)
         except KeyboardInterrupt:
             self.failure = "interrupted; re-run the same command to resume"
             self._finish("KILLED")
@@ -278,10 +326,13 @@ class Run(RunTracking, RunReport):
                 for name in files:
                     self.parent.log_artifact(Path(tmp) / name)
                 self.parent.log_text(self.cfg.to_yaml(), "pipeline.yaml")
-                counts = {"ran": 0.0, "skipped": 0.0, "failed": 0.0}
+                counts = {"ran": 0.0, "skipped": 0.0, "failed": 0.0, "gated": 0.0}
                 for s in self.status.values():
-                    counts["ran" if s == "ran" else "failed" if s == "failed" else "skipped"] += 1
+                    counts["ran" if s == "ran" else "failed" if s == "failed" else "gated"
+                           if s.startswith("gated") else "skipped"] += 1
                 self.parent.log_metrics({f"pipeline/{k}": v for k, v in counts.items()}, 0)
+                self.parent.log_tags({f"sonosynth.gate.{name}": gate.headline()[:4900]
+                                      for name, gate in self.gate_results.items()})
                 self.parent.close(status)
                 self._remember_parent()
                 self._adopt_orphans()
@@ -290,6 +341,9 @@ class Run(RunTracking, RunReport):
         lines = [f"pipeline {self.cfg.name or ''}: {status.lower()}; ran {len(ran)} stages"
                  f"{' (' + ', '.join(ran) + ')' if ran else ''}, skipped {len(skipped)} already done"]
         lines.append(to_markdown(rows, brief=True).rstrip())
+        for name, gate in self.gate_results.items():
+            effect = gate_effect(self, name)
+            lines.append(f"{name}: {gate.headline()}{'; ' + effect if effect else ''}")
         promo = self.promotion()
         if promo:
             lines.append(f"promotion: {promo.get('model')} version {promo.get('version')}: {promo.get('decision')} "
@@ -299,6 +353,7 @@ class Run(RunTracking, RunReport):
         lines.append(f"MLflow:   {self.ui_command()}")
         return Report(stage="pipeline", out=self.root, text="\n".join(lines),
                       figures={"status": status, "ran": ran, "skipped": skipped, "pipeline_key": self.pkey,
+                               "gated": [s.section for s in self.steps if s.gated_by], "gates": self.gate_summary(),
                                "stages": {r["section"]: {"status": r["status"], "key": r["key"]} for r in rows}},
                       outputs={"report": f"{self.root}/report.html", "lineage": f"{self.root}/lineage.md",
                                "summary": f"{self.root}/pipeline.json"},

@@ -1,8 +1,9 @@
-"""Rows of dicts as CSV and Markdown: the pipeline's lineage and the sweep's results."""
+"""Rows of dicts as CSV and Markdown (the pipeline's lineage, the sweep's results), and rows as HTML tables."""
 
 from __future__ import annotations
 
 import csv
+import html
 import io
 from typing import Any, Sequence
 
@@ -34,3 +35,15 @@ def to_markdown(rows: list[dict[str, Any]], columns: Sequence[str] | None = None
     lines = ["| " + " | ".join(names) + " |", "|" + "---|" * len(names)]
     lines += ["| " + " | ".join(_cell(row.get(c)).replace("|", "\\|") for c in names) + " |" for row in rows]
     return "\n".join(lines) + "\n"
+
+
+def html_cell(value: Any) -> str:
+    """A value as escaped HTML text; floats to 4 decimals, None as nothing."""
+    return "" if value is None else f"{value:.4f}" if isinstance(value, float) else html.escape(str(value))
+
+
+def html_table(table_id: str, header: list[str], rows: list[list[Any]]) -> str:
+    """A plain HTML table with an id (tests read report tables by it)."""
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html_cell(c)}</td>" for c in row) + "</tr>" for row in rows)
+    return f'<table id="{table_id}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'

@@ -35,6 +35,7 @@ class RunTracking:
     uri: str
     experiment: str
     parent: Tracker | None
+    planned_keys: dict[str, str]
     reports: dict[str, dict[str, Any]]
     status: dict[str, str]
     _recorded_parent: str | None = None
@@ -64,7 +65,7 @@ class RunTracking:
         self.parent.start(tags={"sonosynth.stage": "pipeline", "sonosynth.out": self.root})
         self._late_parent = self.parent.run_id is None  # MLflow is down at the start: the run comes later
         self._remember_parent()
-        self.parent.log_params({f"key.{s.section}": s.key or "not run" for s in self.steps})
+        self.parent.log_params({f"key.{section}": key or "not run" for section, key in self.planned_keys.items()})
         self.parent.log_params({f"source.{s.section}": f"{s.source['digest']} ({s.source['files']} files)"
                                 for s in self.steps if s.source})
 
