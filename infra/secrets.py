@@ -45,7 +45,9 @@ def is_secret_name(name: str) -> bool:
 def secret_values(environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """The secret-named environment variables worth masking: ``{value: name}``."""
     env = os.environ if environ is None else environ
-    return {v.strip(): k for k, v in env.items() if is_secret_name(k) and len(v.strip()) >= MIN_SECRET_LEN}
+    # A copy: another thread (MLflow's telemetry) may set a variable while this runs.
+    items = list(dict(env).items())
+    return {v.strip(): k for k, v in items if is_secret_name(k) and len(v.strip()) >= MIN_SECRET_LEN}
 
 
 def has_uri_password(text: str | None) -> bool:

@@ -145,6 +145,12 @@ def _train_classifier():
     return _training(ClassifierTrainConfig)
 
 
+def _quality():
+    from sonosynth.launch.quality.stage import QualityConfig, run
+
+    return QualityConfig, run
+
+
 def _generate():
     from sonosynth.launch.generate.config import GenerateConfig
     from sonosynth.launch.generate.driver import run
@@ -217,6 +223,25 @@ Examples:
     sonosynth train-lora lora_joint_tiny --dataset runs/ph --out runs/lora
     sonosynth train-lora lora_joint_head --dataset runs/hc18 \\
         --set model.pretrained=/models/sd15
+"""
+
+QUALITY_HELP = """Score a synthetic set against real data before anything trains on it.
+
+Feature-space distances between real and synthetic images (FID, KID, precision/recall,
+density/coverage) beside a real-vs-real baseline of the same size, each with a bootstrap
+interval; label fidelity of image+mask pairs (a segmenter prompted with the box of each
+pair's own mask, Dice against that mask, the same on real pairs as the reference) and the
+mask-shape statistics of both sets. OUT gets summary.json, per_image.parquet, a t-SNE plot
+of the features and overlays of the worst pairs; a gate in the recipe passes or stops the
+synthetic arm of a pipeline.
+
+Examples:
+
+\b
+    sonosynth quality quality_tiny --real runs/ph --synthetic runs/syn \\
+        --out runs/quality
+    sonosynth quality quality_head --real s3://bucket/hc18 \\
+        --synthetic s3://bucket/synthetic --segmenter models:/sonosynth-sam@champion
 """
 
 GENERATE_HELP = """Sample synthetic image+mask pairs (or plane images) on Ray into WebDataset shards.
@@ -379,6 +404,14 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
               Flag("synthetic", "data.sources.synthetic.dataset",
                    "Synthetic plane dataset (class-mode `sonosynth generate`) mixed in."),
               TRAINING_WORKERS, ADDRESS, progress_flag("engine.progress"))),
+    Stage("quality", "FID/KID/precision-recall and label fidelity of a synthetic set vs real data", _quality,
+          QUALITY_HELP, (
+              Flag("real", "real.dataset", "Real dataset (from `sonosynth ingest`)."),
+              Flag("synthetic", "synthetic.dataset", "Synthetic dataset (from `sonosynth generate`)."),
+              Flag("segmenter", "fidelity.model", "Segmenter for label fidelity: folder, s3:// or MLflow URI, "
+                                                  "e.g. models:/sonosynth-sam@champion."),
+              out_flag(), progress_flag(),
+          )),
     Stage("evaluate", "score segmentation masks (or plane predictions) per image and per cohort", _evaluate,
           EVALUATE_HELP, (
               Flag("dataset", "dataset", "Dataset with ground-truth masks (from ingest)."),

@@ -55,8 +55,8 @@ def test_config_lists_documented_fields_stages_and_recipes():
     assert res.returncode == 0 and "shards.max_samples (int, default 256): Samples per shard" in res.stdout
     res = _run("config")
     assert res.returncode == 0 and [line.split()[0] for line in res.stdout.splitlines()] == [
-        "ingest", "train-lora", "generate", "train-sam", "train-classifier", "evaluate", "promote", "pipeline",
-        "sweep"]
+        "ingest", "train-lora", "generate", "train-sam", "train-classifier", "quality",
+        "evaluate", "promote", "pipeline", "sweep"]
     res = _run("config", "--recipes")
     assert res.returncode == 0 and {"demo", "lora_joint_tiny", "generate_tiny"} <= set(res.stdout.split())
     res = _run("config", "train-sam-typo")

@@ -1,0 +1,1 @@
+"""``sonosynth quality``: feature-space figures and label fidelity of a synthetic set against real data."""
