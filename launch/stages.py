@@ -145,6 +145,12 @@ def _train_classifier():
     return _training(ClassifierTrainConfig)
 
 
+def _train_controlnet():
+    from sonosynth.trainers.controlnet.train import ControlNetTrainConfig
+
+    return _training(ControlNetTrainConfig)
+
+
 def _quality():
     from sonosynth.launch.quality.stage import QualityConfig, run
 
@@ -222,6 +228,23 @@ Examples:
 \b
     sonosynth train-lora lora_joint_tiny --dataset runs/ph --out runs/lora
     sonosynth train-lora lora_joint_head --dataset runs/hc18 \\
+        --set model.pretrained=/models/sd15
+"""
+
+TRAIN_CONTROLNET_HELP = """Train a ControlNet that draws a fetal head image for a given head mask.
+
+A diffusers ControlNetModel, initialised from the base UNet (optionally with a trained LoRA
+fused in), learns to follow the filled head mask; the base model stays frozen. Training runs
+on the shared engine (Ray Train + DeepSpeed), resumes from the last checkpoint in OUT, and
+exports OUT/model in the diffusers format (ControlNetModel.from_pretrained and
+StableDiffusionControlNetPipeline load it unchanged), registered in MLflow as
+sonosynth-controlnet. `sonosynth generate --mode mask` samples with it.
+
+Examples:
+
+\b
+    sonosynth train-controlnet controlnet_tiny --dataset runs/ph --out runs/cn
+    sonosynth train-controlnet controlnet_head --dataset runs/hc18 \\
         --set model.pretrained=/models/sd15
 """
 
@@ -381,6 +404,12 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           _train_lora, TRAIN_LORA_HELP, (
               out_flag(),
               Flag("dataset", "data.dataset", "Training dataset (from `sonosynth ingest`)."),
+              TRAINING_WORKERS, ADDRESS, progress_flag("engine.progress"))),
+    Stage("train-controlnet", "a ControlNet that generates an image for a given head mask",
+          _train_controlnet, TRAIN_CONTROLNET_HELP, (
+              out_flag(),
+              Flag("dataset", "data.dataset", "Training image+mask dataset (from `sonosynth ingest`)."),
+              Flag("lora", "lora", "A trained LoRA fused into the base UNet first (folder, s3:// or MLflow URI)."),
               TRAINING_WORKERS, ADDRESS, progress_flag("engine.progress"))),
     Stage("generate", "synthetic image+mask pairs (or plane images) from a LoRA, on Ray", _generate,
           GENERATE_HELP, (

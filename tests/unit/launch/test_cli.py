@@ -55,12 +55,12 @@ def test_config_lists_documented_fields_stages_and_recipes():
     assert res.returncode == 0 and "shards.max_samples (int, default 256): Samples per shard" in res.stdout
     res = _run("config")
     assert res.returncode == 0 and [line.split()[0] for line in res.stdout.splitlines()] == [
-        "ingest", "train-lora", "generate", "train-sam", "train-classifier", "quality",
+        "ingest", "train-lora", "train-controlnet", "generate", "train-sam", "train-classifier", "quality",
         "evaluate", "promote", "pipeline", "sweep"]
     res = _run("config", "--recipes")
     assert res.returncode == 0 and {"demo", "lora_joint_tiny", "generate_tiny"} <= set(res.stdout.split())
     res = _run("config", "train-sam-typo")
-    assert res.returncode == 2 and "stages are ingest, train-lora, generate, train-sam" in res.stderr
+    assert res.returncode == 2 and "stages are ingest, train-lora, train-controlnet, generate, train-sam" in res.stderr
 
 
 def test_every_stage_verb_takes_the_recipe_first(tmp_path):
