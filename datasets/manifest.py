@@ -36,6 +36,7 @@ SCHEMA = pa.schema([
     ("qc_ellipse_a", pa.float64()),
     ("qc_ellipse_b", pa.float64()),
     ("qc_ellipse_theta", pa.float64()),
+    ("qc_label_fidelity", pa.float64()),
 ])
 COLUMNS = tuple(SCHEMA.names)
 

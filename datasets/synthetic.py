@@ -4,7 +4,9 @@ A joint model draws RGB = (image, image, mask). The image is the red channel (or
 red and green); the mask is the blue channel thresholded (paper A: > 180). The largest
 component is kept (with arcs of a gapped outline), an ellipse is fitted and filled, and the
 sample is rejected when the mask is empty, tiny, huge, cut by the image border or not
-ellipse-like. The reason and the QC figures go into ``meta.json`` and the manifest.
+ellipse-like. The reason and the QC figures go into ``meta.json`` and the manifest. In mask
+mode the sample keeps its conditioning mask untouched and, when a segmenter is given, is checked
+by the Dice of the segmenter's mask against it (``extract_mask_mode``).
 """
 
 from __future__ import annotations
@@ -15,11 +17,20 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import model_validator
 
-from sonosynth.datasets.geometry import MaskError, MaskRules, fill_mask
+from sonosynth.datasets.geometry import Ellipse, MaskError, MaskRules, fill_mask
 
 EMPTY, TINY, HUGE, OFF_IMAGE, NOT_ELLIPSE = "empty_mask", "mask_tiny", "mask_huge", "mask_off_image", "mask_not_ellipse"
+LOW_FIDELITY = "low_label_fidelity"
+"""Mask mode: the segmenter's mask for the image is too far from the conditioning mask."""
+FIDELITY_QC = ("segmenter", "min_label_fidelity")
+"""The mask-mode quality filter's own fields."""
+MASK_MODE_QC = ("min_pixels", "enforce", *FIDELITY_QC)
+"""QC fields that apply in mask mode (the others are joint mode's mask extraction)."""
+
+
 class QCConfig(MaskRules):
-    """Mask extraction and the quality filter of synthetic joint-mode samples."""
+    """Mask extraction and the quality filter of synthetic samples (joint mode), or label fidelity
+    of the images drawn for given masks (mask mode)."""
 
     threshold: int = 180
     """Blue values above this are mask (paper A: 180)."""
@@ -35,11 +46,21 @@ class QCConfig(MaskRules):
     """Accept masks that reach the image border (a head cut off by the sector edge)."""
     enforce: bool = True
     """Reject failing samples. False keeps them (reason recorded in meta.json): for benchmarks."""
+    segmenter: str | None = None
+    """Mask mode: a SAM fine-tuned by train-sam (model folder, s3:// prefix or MLflow URI, e.g.
+    models:/sonosynth-sam@champion), prompted with the tight box of each conditioning mask; the Dice of
+    its mask against the conditioning mask is the sample's label fidelity. Null: no QC in mask mode."""
+    min_label_fidelity: float = 0.5
+    """Mask mode with a segmenter: images whose label fidelity (Dice) is below this are redrawn."""
 
     @model_validator(mode="after")
     def _check(self) -> "QCConfig":
         if not 0 <= self.min_area_frac < self.max_area_frac <= 1:
             raise ValueError("need 0 <= min_area_frac < max_area_frac <= 1")
+        if not 0 <= self.min_label_fidelity <= 1:
+            raise ValueError("min_label_fidelity is a Dice: give a value in [0, 1], e.g. 0.5")
+        if self.segmenter is not None and not self.segmenter.strip():
+            raise ValueError("segmenter is empty; give a train-sam model folder, s3:// prefix or MLflow URI, or null")
         return self
 
 
@@ -86,3 +107,32 @@ def extract(rgb: np.ndarray, mode: str, cfg: QCConfig) -> Extracted:
     if mode == "joint":
         return extract_joint(rgb, cfg)
     return Extracted(rgb.mean(axis=2).round().astype(np.uint8), None)
+
+
+def extract_mask_mode(rgb: np.ndarray, mask: np.ndarray, cfg: QCConfig, fidelity=None,
+                      ellipse: Ellipse | None = None) -> Extracted:
+    """Mask mode: the image drawn for ``mask`` (the mean of its channels) and ``mask`` itself, untouched.
+
+    The qc_* figures describe the conditioning mask (``ellipse``: its head ellipse in pixels, when
+    known). A mask with fewer than ``min_pixels`` foreground pixels is rejected as empty; with
+    ``fidelity(image, mask) -> Dice`` (a segmenter) the Dice is ``qc_label_fidelity`` and an image
+    below ``min_label_fidelity`` is rejected."""
+    image = rgb.mean(axis=2).round().astype(np.uint8)
+    pixels = int(np.count_nonzero(mask))
+    qc: dict[str, Any] = {
+        "qc_area_frac": pixels / mask.size, "qc_touches_border": bool(
+            mask[0].any() or mask[-1].any() or mask[:, 0].any() or mask[:, -1].any()),
+        "qc_was_outline": False, "qc_fit_rmse_px": None, "qc_outline_coverage": None,
+        **{f"qc_ellipse_{k}": getattr(ellipse, k) if ellipse else None for k in ("cx", "cy", "a", "b", "theta")},
+    }
+    if pixels < cfg.min_pixels:
+        return Extracted(image, mask, EMPTY, f"conditioning mask has {pixels} pixels (min_pixels {cfg.min_pixels})",
+                         qc)
+    if fidelity is None:
+        return Extracted(image, mask, None, "", qc)
+    dice = float(fidelity(image, mask))
+    qc["qc_label_fidelity"] = dice
+    if dice < cfg.min_label_fidelity:
+        return Extracted(image, mask, LOW_FIDELITY, f"the segmenter's mask has Dice {dice:.3f} with the conditioning "
+                         f"mask (min_label_fidelity {cfg.min_label_fidelity})", qc)
+    return Extracted(image, mask, None, "", qc)

@@ -274,6 +274,9 @@ atomically with a completion record, so re-running the same command after a cras
 resumes with no duplicated and no missing sample. Joint-mode masks are extracted from
 the blue channel, filled and quality-checked; rejected samples are redrawn with derived
 seeds.
+In mask mode a ControlNet (`sonosynth train-controlnet`) draws an image for each mask
+drawn from a head-shape model fitted on real masks (or from the real masks, augmented),
+and the sample's mask is that mask exactly.
 
 Examples:
 
@@ -283,6 +286,8 @@ Examples:
     sonosynth generate generate_joint_head \\
         --lora models:/sonosynth-lora@champion --num-samples 500 \\
         --out s3://bucket/synthetic --address auto
+    sonosynth generate generate_mask_tiny --controlnet runs/cn/model \\
+        --num-samples 32 --out runs/syn-mask
 """
 
 TRAIN_SAM_HELP = """Fine-tune the Segment Anything Model on real and synthetic image+mask pairs.
@@ -417,6 +422,12 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
               Flag("num-samples", "num_samples", "Accepted samples to deliver.", int),
               Flag("lora", "sampler.lora", "LoRA folder, s3:// prefix or MLflow URI, e.g. "
                                            "models:/sonosynth-lora@champion."),
+              Flag("mode", "mode", "joint (image+mask), class (plane images) or mask (an image drawn for each "
+                                   "given mask; needs --controlnet). Default: mask when --controlnet is given, "
+                                   "else the LoRA's training mode.",
+                   choices=("joint", "class", "mask")),
+              Flag("controlnet", "sampler.controlnet", "Mask mode: the ControlNet folder, s3:// prefix or MLflow "
+                                                       "URI, e.g. models:/sonosynth-controlnet@champion."),
               Flag("workers", "workers", "Sampler actors (default: one per GPU).", int),
               ADDRESS, progress_flag())),
     Stage("train-sam", "fine-tune SAM on a mix of real and synthetic image+mask pairs",

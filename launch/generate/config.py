@@ -1,5 +1,10 @@
 """The ``generate`` stage: many sampler actors, one synthetic dataset, every sample once.
 
+Modes: ``joint`` (image+mask drawn together, the mask extracted), ``class`` (plane images) and
+``mask`` (a ControlNet draws an image for each given conditioning mask, which becomes the
+sample's mask exactly; sample ``i``'s mask at attempt ``a`` comes from the seed
+``mask_seed(seed, i, a)``: drawn from a head-shape model or a real mask, geometrically augmented).
+
 The job is planned as shard-sized tasks with fixed sample indices; sample ``i``'s attempt
 ``a`` has a seed derived from (seed, i, a) and the key ``syn-<run id>-<i>``, where the run
 id is a hash of everything that shapes the images. A task samples its indices (rejected
@@ -20,7 +25,8 @@ from typing import Any, Literal
 from pydantic import model_validator
 
 from sonosynth.datasets.labels import PLANES
-from sonosynth.datasets.synthetic import QCConfig
+from sonosynth.datasets.shape_model import MaskAugmentConfig, ShapeModelConfig
+from sonosynth.datasets.synthetic import FIDELITY_QC, MASK_MODE_QC, QCConfig
 from sonosynth.infra.cluster import RayConfig
 from sonosynth.infra.config import Config
 from sonosynth.infra.storage import StorageConfig
@@ -30,6 +36,45 @@ from sonosynth.trainers.diffusion.data import PAPER_A_PROMPT
 from sonosynth.trainers.diffusion.sampler import SamplerConfig, SampleSpec
 
 log = logging.getLogger(__name__)
+LORA_MODES = ("joint", "class")
+"""Modes that draw with the LoRA alone (no ControlNet)."""
+
+
+class MaskSourceConfig(Config):
+    """Mask mode: where each sample's conditioning mask comes from."""
+
+    source: Literal["shape_model", "real"] = "shape_model"
+    """'shape_model': a head ellipse drawn from a fitted head-shape model; 'real': a real mask of
+    ``dataset``, geometrically augmented (flips, rotation, scale, shift)."""
+    shape_model: str | None = None
+    """A saved shape_model.json (local path or s3:// URI); null: fitted on ``dataset`` when the job is
+    planned and saved to OUT/shape_model.json."""
+    dataset: str | None = None
+    """Real image+mask dataset (from ``sonosynth ingest``): the masks the shape model is fitted on, or
+    the masks drawn (source real)."""
+    split: str | None = "train"
+    """Use only this split of ``dataset`` (null: every sample)."""
+    frame: Literal["pad", "stretch"] | None = None
+    """How a non-square mask becomes the square the ControlNet draws at: 'pad' (centred, aspect kept)
+    or 'stretch'; null: the ControlNet's training resize (its lineage.json), else pad."""
+    shape: ShapeModelConfig = ShapeModelConfig()
+    """How the shape model is fitted and where its heads may lie (a saved model keeps its own)."""
+    augment: MaskAugmentConfig = MaskAugmentConfig()
+    """Source real: the geometric augmentation of each drawn mask."""
+
+    def problem(self) -> str | None:
+        """Why these settings cannot give masks (checked in mask mode), or None."""
+        if self.source == "real" and not self.dataset:
+            return "masks.source=real draws real masks: set masks.dataset to an ingested image+mask dataset"
+        if self.source == "shape_model" and not (self.shape_model or self.dataset):
+            return ("masks.source=shape_model needs a model: set masks.shape_model to a saved shape_model.json, "
+                    "or masks.dataset to an ingested image+mask dataset to fit one on")
+        if self.source == "shape_model" and self.shape_model and self.dataset:
+            return ("masks.shape_model and masks.dataset are both set: the saved model is used as is; drop "
+                    "masks.dataset (or masks.shape_model to fit a new model on the dataset)")
+        if self.source == "real" and self.shape_model:
+            return "masks.shape_model is for masks.source=shape_model; drop it (source real draws real masks)"
+        return None
 
 
 class GenerateConfig(Config):
@@ -42,11 +87,14 @@ class GenerateConfig(Config):
     sampler: SamplerConfig = SamplerConfig()
     """Base model, LoRA and sampling settings."""
     qc: QCConfig = QCConfig()
-    """Mask extraction and quality filter (joint mode)."""
-    mode: Literal["joint", "class"] | None = None
-    """'joint' (image+mask) or 'class' (one plane per prompt); null: the LoRA's training mode."""
+    """Quality filter: mask extraction (joint mode) or label fidelity with a segmenter (mask mode)."""
+    mode: Literal["joint", "class", "mask"] | None = None
+    """'joint' (image+mask), 'class' (one plane per prompt) or 'mask' (an image drawn for each given
+    mask by sampler.controlnet); null: mask with a ControlNet, else the LoRA's training mode."""
+    masks: MaskSourceConfig = MaskSourceConfig()
+    """Mask mode: where the conditioning masks come from."""
     prompt: str | None = None
-    """Joint mode prompt (null: the one the LoRA was trained with)."""
+    """Joint and mask mode prompt (null: the one the ControlNet, else the LoRA, was trained with)."""
     planes: list[str] | None = None
     """Class mode: planes to draw, in turn by sample index (null: all the LoRA was trained on). The
     order is part of the run id: it decides which plane each index gets."""
@@ -118,7 +166,39 @@ class GenerateConfig(Config):
         bad = sorted(set(self.planes or []) - set(PLANES))
         if bad:
             raise ValueError(f"unknown planes {bad}; planes are {list(PLANES)}")
+        self._check_mask_mode()
         return self
+
+    @property
+    def mask_mode(self) -> bool:
+        """Mask mode, asked for or implied by a ControlNet."""
+        return self.mode == "mask" or (self.mode is None and bool(self.sampler.controlnet))
+
+    def _check_mask_mode(self) -> None:
+        if self.mode == "mask" and not self.sampler.controlnet:
+            raise ValueError("mask mode draws an image for each mask with a ControlNet: pass --controlnet "
+                             "(sampler.controlnet: a train-controlnet model folder, s3:// prefix or MLflow URI, "
+                             "e.g. models:/sonosynth-controlnet@champion)")
+        if self.sampler.controlnet and self.mode in LORA_MODES:
+            raise ValueError(f"--controlnet (sampler.controlnet) is for mask mode, not {self.mode} mode: "
+                             f"drop it, or pass --mode mask")
+        if not self.mask_mode:
+            if self.masks != MaskSourceConfig():
+                raise ValueError("masks.* is for mask mode: pass --mode mask --controlnet <ControlNet>, or drop it")
+            if self.qc.segmenter:
+                raise ValueError("qc.segmenter is for mask mode (label fidelity of the given masks); drop it")
+            return
+        if self.planes is not None or self.per_class is not None:
+            raise ValueError("planes and per_class are for class mode; mask mode takes num_samples (drop them)")
+        joint_only = [k for k in QCConfig.model_fields if k not in MASK_MODE_QC
+                      and getattr(self.qc, k) != QCConfig.model_fields[k].default]
+        if joint_only:
+            raise ValueError(f"{', '.join('qc.' + k for k in joint_only)}: joint-mode mask extraction settings, "
+                             f"but mask mode keeps the conditioning mask as drawn; drop them (mask mode's QC is "
+                             f"qc.segmenter and qc.min_label_fidelity)")
+        problem = self.masks.problem()
+        if problem:
+            raise ValueError(problem)
 
 
 def per_class_mismatch(num_samples: int, per_class: int, planes: int) -> str:
@@ -129,6 +209,11 @@ def per_class_mismatch(num_samples: int, per_class: int, planes: int) -> str:
 def sample_seed(seed: int, index: int, attempt: int) -> int:
     """The seed of sample ``index``'s attempt ``attempt``."""
     return derive_seed("generate", seed, index, attempt)
+
+
+def mask_seed(seed: int, index: int, attempt: int) -> int:
+    """Mask mode: the seed of the conditioning mask of sample ``index``'s attempt ``attempt``."""
+    return derive_seed("generate-mask", seed, index, attempt)
 
 
 @dataclass
@@ -142,6 +227,12 @@ class JobPlan:
     planes: list[str]
     lineage: dict[str, Any]
     tasks: list[dict[str, Any]] = field(default_factory=list)
+    controlnet: dict[str, Any] | None = None
+    """Mask mode: {sha256, lineage} of the ControlNet."""
+    masks: dict[str, Any] | None = None
+    """Mask mode: the mask source (``driver.mask_source``): source, identity, lineage and what draws."""
+    segmenter_sha256: str | None = None
+    """Mask mode: sha256 of the QC segmenter's weights (None: no QC)."""
 
     def spec(self, cfg: GenerateConfig, index: int, attempt: int) -> SampleSpec:
         plane = self.planes[index % len(self.planes)] if self.mode == "class" else cfg.plane
@@ -149,8 +240,14 @@ class JobPlan:
         return SampleSpec(index, attempt, sample_seed(cfg.seed, index, attempt), prompt, plane)
 
 
-def plan_job(cfg: GenerateConfig, lineage: dict[str, Any], lora_sha: str | None) -> JobPlan:
-    mode = cfg.mode or lineage.get("mode") or "joint"
+def plan_job(cfg: GenerateConfig, lineage: dict[str, Any], lora_sha: str | None, *,
+             controlnet: dict[str, Any] | None = None, masks: dict[str, Any] | None = None,
+             segmenter_sha: str | None = None) -> JobPlan:
+    """The job's run id and shard tasks. Mask mode also takes the ControlNet ({sha256, lineage}), the
+    mask source (``driver.mask_source``) and the QC segmenter's sha256."""
+    mode = "mask" if cfg.mask_mode else cfg.mode or lineage.get("mode") or "joint"
+    if mode == "mask":
+        return _plan_mask_mode(cfg, lineage, lora_sha, controlnet, masks, segmenter_sha)
     if mode == "class":
         known = lineage.get("class_prompts") or {}
         planes = cfg.planes or sorted(known)
@@ -180,15 +277,60 @@ def plan_job(cfg: GenerateConfig, lineage: dict[str, Any], lora_sha: str | None)
         prompts = {"": cfg.prompt or trained[0]}
     # The LoRA counts by content (its sha256), not by where it was read from. In class mode the
     # ordered planes decide each index's plane (the prompts dict is hashed with sorted keys).
-    identity = {"sampler": cfg.sampler.model_dump(mode="json", exclude={"batch_size", "compile", "lora"}),
-                "lora_sha256": lora_sha, "qc": cfg.qc.to_dict(), "mode": mode, "prompts": prompts,
-                "seed": cfg.seed, "max_attempts": cfg.max_attempts}
+    # (the mask-mode fields are left out, so joint and class runs keep their run ids)
+    identity = {"sampler": cfg.sampler.model_dump(mode="json", exclude=SAMPLER_NOT_IDENTITY | MASK_MODE_SAMPLER),
+                "lora_sha256": lora_sha, "qc": cfg.qc.model_dump(mode="json", exclude=set(FIDELITY_QC)),
+                "mode": mode, "prompts": prompts, "seed": cfg.seed, "max_attempts": cfg.max_attempts}
     if mode == "class":
         identity["planes"] = list(planes)
     else:
         identity["plane"] = cfg.plane
-    run_id = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
-    plan = JobPlan(run_id, mode, prompts, planes, lineage)
+    return _with_tasks(cfg, JobPlan(_run_id(identity), mode, prompts, planes, lineage))
+
+
+SAMPLER_NOT_IDENTITY = {"batch_size", "compile", "lora", "controlnet"}
+"""Sampler fields that do not change the images (the LoRA and ControlNet count by their sha256)."""
+MASK_MODE_SAMPLER = {"controlnet_scale"}
+
+
+def _run_id(identity: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def _plan_mask_mode(cfg: GenerateConfig, lineage: dict[str, Any], lora_sha: str | None,
+                    controlnet: dict[str, Any] | None, masks: dict[str, Any] | None,
+                    segmenter_sha: str | None) -> JobPlan:
+    if controlnet is None or masks is None:
+        raise ValueError("a mask-mode plan needs the ControlNet ({sha256, lineage}) and the mask source")
+    trained = controlnet.get("lineage") or {}
+    want = trained.get("lora_sha256")
+    if want and want != lora_sha:
+        given = f"--lora has sha256 {lora_sha[:12]}..." if lora_sha else "no --lora is given"
+        raise ValueError(f"the ControlNet was trained with the LoRA {trained.get('lora') or ''} (sha256 "
+                         f"{want[:12]}...) fused into the base model, but {given}: pass that LoRA with --lora "
+                         f"(sampler.lora)")
+    if lora_sha and not want:
+        log.warning("the ControlNet was trained on the base model without a LoRA, but a LoRA is fused in for "
+                    "sampling: the images may not follow the masks as well")
+    if trained.get("base_model") and trained["base_model"] != cfg.sampler.model.identity():
+        log.warning("the ControlNet was trained on base model %s; sampling with %s", trained["base_model"],
+                    cfg.sampler.model.identity())
+    prompts = {"": cfg.prompt or trained.get("prompt") or (lineage.get("prompts") or [PAPER_A_PROMPT])[0]}
+    identity = {"sampler": cfg.sampler.model_dump(mode="json", exclude=SAMPLER_NOT_IDENTITY),
+                "lora_sha256": lora_sha, "mode": "mask", "prompts": prompts, "plane": cfg.plane, "seed": cfg.seed,
+                "max_attempts": cfg.max_attempts,
+                "controlnet": {"sha256": controlnet["sha256"],
+                               **{k: trained.get(k) for k in ("resolution", "clip_skip")}},
+                "masks": masks["identity"],
+                "qc": {"segmenter_sha256": segmenter_sha, "min_label_fidelity": cfg.qc.min_label_fidelity,
+                       "min_pixels": cfg.qc.min_pixels, "enforce": cfg.qc.enforce}}
+    plan = JobPlan(_run_id(identity), "mask", prompts, [], lineage, controlnet=controlnet, masks=masks,
+                   segmenter_sha256=segmenter_sha)
+    return _with_tasks(cfg, plan)
+
+
+def _with_tasks(cfg: GenerateConfig, plan: JobPlan) -> JobPlan:
+    run_id = plan.run_id
     for start in range(0, cfg.num_samples, cfg.shard_size):
         indices = list(range(start, min(cfg.num_samples, start + cfg.shard_size)))
         task_plan = hashlib.sha256(json.dumps({"run": run_id, "indices": indices, "shard_size": cfg.shard_size},
