@@ -38,8 +38,8 @@ class PipelineFailed(StageFailed):
 class PipelineReportConfig(Config):
     """What report.html shows besides the lineage table."""
 
-    grid: str | None = None
-    """Section whose `grid` output is the synthetic pair grid (null: the first generate section)."""
+    grid: str | list[str] | None = None
+    """Section(s) whose `grid` output is shown as a synthetic pair grid (null: every generate section)."""
     compare: dict[str, list[str]] = {}
     """Dice before/after synthetic data: label -> evaluate sections (one per cohort), e.g.
     {real only: [eval_base], real + synthetic: [eval_synthetic]}; sections not run are left out."""

@@ -106,18 +106,30 @@ def to_markdown(rows: list[dict[str, Any]], brief: bool = False) -> str:
 
 
 
+def _grid_sections(r: Run) -> list[str]:
+    wanted = r.cfg.report.grid
+    if wanted:
+        return [wanted] if isinstance(wanted, str) else list(wanted)
+    return [s.section for s in r.steps if s.stage == "generate"]
+
+
 def _grid_section(r: Run) -> str:
-    name = r.cfg.report.grid or next((s.section for s in r.steps if s.stage == "generate"), None)
-    rep = r.reports.get(name) if name else None
-    grid = (rep or {}).get("outputs", {}).get("grid")
-    data = read_bytes(grid) if grid else None
-    if not data:
-        return "<p>No synthetic pair grid: no generate section has finished.</p>"
-    figures = rep.get("figures") or {}
-    note = (f"{figures.get('accepted', figures.get('num_samples', ''))} samples from section {name}; "
-            f"acceptance {html_cell(figures.get('acceptance_rate'))}") if figures else f"section {name}"
-    return (f'<img id="synthetic-grid" alt="synthetic image+mask pairs" src="data:image/png;base64,'
-            f'{base64.b64encode(data).decode()}"><p>{html.escape(note)} ({html.escape(grid)})</p>')
+    """Each synthetic pair grid (every generate section's, unless report.grid names them), inlined."""
+    parts = []
+    for i, name in enumerate(_grid_sections(r)):
+        rep = r.reports.get(name)
+        grid = (rep or {}).get("outputs", {}).get("grid")
+        data = read_bytes(grid) if grid else None
+        if not data:
+            continue
+        figures = rep.get("figures") or {}
+        note = (f"{figures.get('accepted', figures.get('num_samples', ''))} samples from section {name}; "
+                f"acceptance {html_cell(figures.get('acceptance_rate'))}") if figures else f"section {name}"
+        element = "synthetic-grid" if i == 0 else f"synthetic-grid-{name}"
+        parts.append(f'<img id="{element}" alt="synthetic image+mask pairs of {html.escape(name)}" '
+                     f'src="data:image/png;base64,{base64.b64encode(data).decode()}"><p>{html.escape(note)} '
+                     f'({html.escape(grid)})</p>')
+    return "\n".join(parts) or "<p>No synthetic pair grid: no generate section has finished.</p>"
 
 
 def _dice_section(r: Run) -> str:

@@ -136,9 +136,40 @@ def is_quality(r: Run, section: str) -> bool:
     return r.by_name[section].stage == "quality" or isinstance(figures.get("gate"), dict)
 
 
+SIDE_BY_SIDE = (("FID ratio (FID / real-vs-real FID)", "fid_ratio", None), ("FID", "fid", "fid_ci"),
+                ("KID mean", "kid_mean", "kid_ci"), ("precision", "precision", "precision_ci"),
+                ("recall", "recall", "recall_ci"), ("density", "density", "density_ci"),
+                ("coverage", "coverage", "coverage_ci"),
+                ("label fidelity Dice", "label_fidelity_dice_mean", "label_fidelity_dice_ci"),
+                ("shape distance", "shape_distance", None))
+
+
+def side_by_side(r: Run, sections: list[str]) -> str:
+    """The synthetic sets of several quality sections in one table (one column each, value and
+    interval), with the real pairs' label fidelity as the reference: how the generation modes compare."""
+    figures = {s: (r.reports[s].get("figures") or {}) for s in sections}
+    header = ["figure"] + [f"{s}: {r.by_name[s].scores or 'synthetic'}" for s in sections]
+    rows = []
+    for label, key, ci in SIDE_BY_SIDE:
+        cells = []
+        for s in sections:
+            cell = _value(figures[s], key)
+            if ci and figures[s].get(ci) is not None:
+                cell += " " + _interval(figures[s][ci])
+            cells.append(cell)
+        rows.append([html.escape(label)] + cells)
+    rows.append(["label fidelity Dice of the real pairs (reference)"]
+                + [_value(figures[s], "label_fidelity_dice_mean_real") for s in sections])
+    return ("<p>The synthetic sets side by side (each against the same real images; lower FID ratio, KID and "
+            "shape distance and higher precision, recall, coverage and label fidelity are better):</p>"
+            + _table_of_text("quality-side-by-side", header, rows))
+
+
 def quality_section(r: Run) -> str:
-    """One block per quality section of the recipe (a note for those that did not run)."""
-    blocks = []
+    """One block per quality section of the recipe (a note for those that did not run), after a
+    side-by-side table when several sections scored a synthetic set."""
+    done = [s.section for s in r.steps if s.section in r.reports and is_quality(r, s.section)]
+    blocks = [side_by_side(r, done)] if len(done) > 1 else []
     for step in r.steps:
         if step.section in r.reports and is_quality(r, step.section):
             blocks.append(_one(r, step.section))

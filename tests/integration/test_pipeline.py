@@ -21,7 +21,10 @@ TINY = ["real.cohort.phantom.num=48", "hc18.splits.test=0.15", "lora.engine.max_
         "lora.engine.checkpoint_every=10", "lora.preview.num=4", "synthetic.num_samples=16",
         "sam_real.engine.max_steps=10", "sam_synthetic.engine.max_steps=10", "sam_real.engine.eval_every=5",
         "sam_synthetic.engine.eval_every=5", "promote.evaluation.set.box_draws=2",
-        *(f"{s}.box_draws=2" for s in ("eval_real", "eval_real_hc18", "eval_synthetic", "eval_synthetic_hc18"))]
+        "controlnet.engine.max_steps=10", "synthetic_mask.num_samples=8", "sam_mask.engine.max_steps=10",
+        "sam_mask.engine.eval_every=5", "quality.bootstrap=50", "quality_mask.bootstrap=50",
+        *(f"{s}.box_draws=2" for s in ("eval_real", "eval_real_hc18", "eval_synthetic", "eval_synthetic_hc18",
+                                       "eval_mask", "eval_mask_hc18"))]
 
 
 def command(out: Path, *extra: str) -> list[str]:
@@ -96,18 +99,25 @@ def test_the_demo_leaves_a_self_contained_report_and_says_where_it_is(demo, read
     assert "<script" not in text and 'src="http' not in text and "file://" not in text
     page = read_report(out / "report.html")
     assert page.ids["status"] == "FINISHED"
-    [grid] = page.images
-    assert grid.startswith("data:image/png;base64,")
-    assert base64.b64decode(grid.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
+    # the two generation modes' grids, t-SNE and worst pairs: every image inlined
+    assert len(page.images) == 6 and all(src.startswith("data:image/png;base64,") for src in page.images)
+    assert all(base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n" for src in page.images)
     sections = [row[0] for row in page.tables["lineage-table"][1:]]
-    assert sections == ["real", "hc18", "lora", "synthetic", "sam_real", "sam_synthetic", "eval_real",
-                        "eval_real_hc18", "eval_synthetic", "eval_synthetic_hc18", "promote"]
+    assert sections == ["real", "hc18", "lora", "synthetic", "controlnet", "synthetic_mask", "sam_real", "quality",
+                        "quality_mask", "sam_synthetic", "sam_mask", "eval_real", "eval_real_hc18", "eval_synthetic",
+                        "eval_synthetic_hc18", "eval_mask", "eval_mask_hc18", "promote"]
     dice = page.tables["dice-table"]
-    assert dice[0][:4] == ["cohort", "images", "dice_mean: real only", "dice_mean: real + synthetic"]
+    assert dice[0][:5] == ["cohort", "images", "dice_mean: real only", "dice_mean: real + synthetic (joint)",
+                           "dice_mean: real + synthetic (mask mode)"]
     cohorts = {row[0]: row for row in dice[1:]}
-    assert "phantom" in cohorts and all(0 <= float(v) <= 1 for v in cohorts["phantom"][2:4])
+    assert "phantom" in cohorts and all(0 <= float(v) <= 1 for v in cohorts["phantom"][2:5])
     if not lineage(out)["hc18"]["status"].startswith("not run"):
-        assert float(cohorts["hc18"][2]) >= 0 and float(cohorts["hc18"][3]) >= 0
+        assert all(float(v) >= 0 for v in cohorts["hc18"][2:5])
+    # the two synthetic sets side by side: the same figures, each with a value
+    side = page.tables["quality-side-by-side"]
+    assert side[0] == ["figure", "quality: synthetic", "quality_mask: synthetic_mask"]
+    figures = {row[0]: row[1:] for row in side[1:]}
+    assert all(cell != "not measured" for cell in figures["FID"] + figures["label fidelity Dice"])
     assert page.ids["promotion-decision"].startswith("first")  # the first sonosynth-sam version
     promo = page.tables["promotion-table"]
     assert promo[1][0] == "dice_mean" and 0 <= float(promo[1][1]) <= 1
