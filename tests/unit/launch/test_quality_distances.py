@@ -89,3 +89,13 @@ def test_bootstrap_mean_interval():
     mean, ci = bootstrap_mean([0.0, 1.0] * 20, 200, seed=0)
     assert mean == 0.5 and ci[0] < 0.5 < ci[1]
     assert bootstrap_mean([], 10, 0) == (None, None) and bootstrap_mean([2.0], 0, 0) == (2.0, None)
+
+
+def test_the_reported_fid_is_monais_and_the_replicates_use_the_same_quantity():
+    from monai.metrics import FIDMetric
+
+    rng = np.random.default_rng(3)
+    x, y = rng.normal(size=(20, 12)), rng.normal(size=(20, 12)) + 0.5
+    r = compare(x, y, FAST, bootstrap=20, seed=0)
+    assert r["fid"] == pytest.approx(float(FIDMetric()(torch.tensor(y), torch.tensor(x))), rel=1e-9)
+    assert r["fid"] == pytest.approx(frechet_distance(torch.tensor(x), torch.tensor(y)), rel=1e-6)
