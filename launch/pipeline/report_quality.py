@@ -22,7 +22,7 @@ FIGURES: tuple[tuple[str, str, tuple[str, ...], tuple[str, ...], tuple[str, ...]
       for name in ("precision", "recall", "density", "coverage")),
     ("label fidelity Dice (baseline: real pairs)", "label_fidelity_dice_mean", ("label_fidelity_dice_ci",),
      ("label_fidelity_dice_mean_real",),
-     ("label_fidelity_dice_real_ci", "label_fidelity_dice_mean_real_ci", "label_fidelity_dice_ci_real")),
+     ("label_fidelity_dice_real_ci",)),
 )
 """(label, value, interval candidates, real-vs-real baseline candidates, baseline interval candidates)."""
 HEADER = ["figure", "synthetic vs real", "95% interval", "real vs real (baseline)", "baseline 95% interval"]
