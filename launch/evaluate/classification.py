@@ -261,7 +261,7 @@ def _tables(rows: list[dict[str, Any]], folder: Path) -> list[Path]:
 
 
 def _track(cfg: Any, result, files: list[Path]) -> dict[str, Any]:
-    return track(cfg, result.metrics(), files, {"sonosynth.task": "classification"})
+    return track(cfg, result.metrics(), files, {"sonosynth.task": "classification", "sonosynth.dataset": cfg.dataset})
 
 
 def _report(cfg: Any, out: str, summary: dict[str, Any], names: list[str], tracking: dict[str, Any]) -> Report:

@@ -261,7 +261,7 @@ def _track(cfg: EvaluateConfig, summary: dict[str, Any], files: list[Path]) -> d
     metrics = numbers(summary)
     for cohort, figures in summary["by_cohort"].items():
         metrics.update(numbers(figures, f"{cohort}/"))
-    return track(cfg, metrics, files)
+    return track(cfg, metrics, files, {"sonosynth.dataset": cfg.dataset})
 
 
 def _report(cfg: EvaluateConfig, out: str, summary: dict[str, Any], names: list[str],

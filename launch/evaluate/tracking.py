@@ -11,11 +11,12 @@ from sonosynth.infra.tracking import Tracker
 EXPERIMENT = "sonosynth-evaluate"
 
 
-def track(cfg: Any, metrics: dict[str, float], files: list[Path], tags: dict[str, str] | None = None) -> dict[str, Any]:
-    """Log ``cfg``, ``metrics`` and ``files`` as one finished run; the Report's ``tracking``."""
-    tracker = Tracker(cfg.tracking, experiment=EXPERIMENT, offline_dir=offline_dir_for(cfg.out))
-    tracker.start(tags={"sonosynth.stage": "evaluate", "sonosynth.out": cfg.out, "sonosynth.dataset": cfg.dataset,
-                        **(tags or {})})
+def track(cfg: Any, metrics: dict[str, float], files: list[Path], tags: dict[str, str] | None = None, *,
+          stage: str = "evaluate", experiment: str = EXPERIMENT) -> dict[str, Any]:
+    """Log ``cfg``, ``metrics`` and ``files`` as one finished run of a scoring stage (evaluate, and
+    quality under its own stage and experiment); the Report's ``tracking``."""
+    tracker = Tracker(cfg.tracking, experiment=experiment, offline_dir=offline_dir_for(cfg.out))
+    tracker.start(tags={"sonosynth.stage": stage, "sonosynth.out": cfg.out, **(tags or {})})
     tracker.log_params(cfg.flat())
     tracker.log_metrics(metrics, 0)
     for path in files:

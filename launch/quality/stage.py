@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from sonosynth.infra.jobdir import claim_output, offline_dir_for
+from sonosynth.infra.jobdir import claim_output
 from sonosynth.infra.seeds import derive_seed
 from sonosynth.infra.serialize import json_safe
 from sonosynth.infra.stage import Report, UsageError
@@ -174,7 +174,7 @@ def _write(cfg: QualityConfig, summary: dict[str, Any], real, synthetic, compare
 
 
 def _track(cfg: QualityConfig, summary: dict[str, Any], files: list[Path]) -> dict[str, Any]:
-    from sonosynth.infra.tracking import Tracker
+    from sonosynth.launch.evaluate.tracking import track
 
     metrics: dict[str, float] = {}
     for name, value in summary.items():
@@ -185,16 +185,9 @@ def _track(cfg: QualityConfig, summary: dict[str, Any], files: list[Path]) -> di
         elif name.endswith("_ci") and isinstance(value, list):
             metrics[f"{name}_low"], metrics[f"{name}_high"] = float(value[0]), float(value[1])
     metrics["gate_passed"] = float(summary["gate"]["passed"])
-    tracker = Tracker(cfg.tracking, experiment=EXPERIMENT, offline_dir=offline_dir_for(cfg.out))
-    tracker.start(tags={"sonosynth.stage": "quality", "sonosynth.out": cfg.out, "sonosynth.real": cfg.real.dataset,
-                        "sonosynth.synthetic": cfg.synthetic.dataset,
-                        "sonosynth.gate": "passed" if summary["gate"]["passed"] else "failed"})
-    tracker.log_params(cfg.flat())
-    tracker.log_metrics(metrics, 0)
-    for path in files:
-        tracker.log_artifact(path)
-    tracker.close("FINISHED")
-    return {"uri": tracker.uri if tracker.enabled else None, "run_id": tracker.run_id, "offline": tracker.offline}
+    tags = {"sonosynth.real": cfg.real.dataset, "sonosynth.synthetic": cfg.synthetic.dataset,
+            "sonosynth.gate": "passed" if summary["gate"]["passed"] else "failed"}
+    return track(cfg, metrics, files, tags, stage="quality", experiment=EXPERIMENT)
 
 
 def _fmt(value: Any, ci: Any = None) -> str:

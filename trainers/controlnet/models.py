@@ -18,6 +18,7 @@ from pydantic import model_validator
 
 from sonosynth.infra.config import Config
 from sonosynth.trainers.diffusion.models import Components, DiffusionModelConfig, build_components, build_pipeline
+from sonosynth.trainers.diffusion.train import diffusion_target, noised_latents
 
 
 class ControlNetConfig(Config):
@@ -107,26 +108,12 @@ class ControlNetDiffusionModule(torch.nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
         dtype = next(self.controlnet.parameters()).dtype
-        device = next(self.controlnet.parameters()).device
-        if "latent_mean" in batch:
-            mean, std = batch["latent_mean"], batch["latent_std"]
-        else:
-            with torch.no_grad():
-                dist = self.vae.encode(batch["pixels"].to(next(self.vae.parameters()).dtype)).latent_dist
-            mean, std = dist.mean, dist.std
-        shape = mean.shape
-        latents = (mean.float() + std.float() * torch.randn(shape, generator=generator).to(device)) * self.vae_scaling
-        noise = torch.randn(shape, generator=generator).to(device)
-        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (shape[0],), generator=generator)
-        t = t.to(device)
-        noisy = self.noise_scheduler.add_noise(latents, noise, t).to(dtype)
+        latents, noise, t, noisy = noised_latents(batch, self.vae, self.noise_scheduler, self.vae_scaling, generator,
+                                                  next(self.controlnet.parameters()).device)
+        noisy = noisy.to(dtype)
         emb = batch["text_emb"].to(dtype)
         down, mid = self.controlnet(noisy, t, encoder_hidden_states=emb, controlnet_cond=batch["condition"].to(dtype),
                                     return_dict=False)
         pred = self.unet(noisy, t, emb, down_block_additional_residuals=down,
                          mid_block_additional_residual=mid).sample
-        if self.noise_scheduler.config.prediction_type == "v_prediction":
-            target = self.noise_scheduler.get_velocity(latents, noise, t)
-        else:
-            target = noise
-        return F.mse_loss(pred.float(), target.float())
+        return F.mse_loss(pred.float(), diffusion_target(self.noise_scheduler, latents, noise, t).float())

@@ -31,31 +31,24 @@ from pydantic import model_validator
 
 from sonosynth.datasets.preview import tile_images
 from sonosynth.datasets.records import encode_png
-from sonosynth.infra.config import Config
 from sonosynth.trainers.config import TrainStageConfig
 from sonosynth.trainers.controlnet.conditioning import CONDITIONING, LINEAGE_KIND, WEIGHTS_NAME, mask_to_condition
 from sonosynth.trainers.controlnet.data import ControlNetDataConfig, GeometricAugment, PairDataset, load_pairs
 from sonosynth.trainers.controlnet.models import (ControlNetConfig, ControlNetDiffusionModule, base_components,
                                                   build_controlnet, controlnet_pipeline, vae_downscale)
 from sonosynth.trainers.diffusion.models import DiffusionModelConfig
-from sonosynth.trainers.diffusion.train import EVAL_DRAWS, encode_prompt_ids, to_uint8, tokenize
+from sonosynth.trainers.diffusion.train import EVAL_DRAWS, PreviewConfig, encode_prompt_ids, to_uint8, tokenize
 from sonosynth.trainers.task import TrainTask, WorkerContext, encode_once
 from sonosynth.trainers.tasks import register_task
 
 log = logging.getLogger(__name__)
 
 
-class ControlNetPreviewConfig(Config):
+class ControlNetPreviewConfig(PreviewConfig):
     """Images drawn by the exported ControlNet for the first training masks, logged and written to out."""
 
     num: int = 4
     """How many masks (0: no preview)."""
-    steps: int = 20
-    """Denoising steps (DPM-Solver++)."""
-    guidance: float = 7.5
-    """Classifier-free guidance scale."""
-    seed: int = 0
-    """Seed of the preview noise."""
 
 
 class ControlNetTrainConfig(TrainStageConfig):

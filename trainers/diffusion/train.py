@@ -105,27 +105,37 @@ class LoraDiffusionModule(torch.nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
         dtype = next(self.unet.parameters()).dtype
-        device = next(self.unet.parameters()).device
-        if "latent_mean" in batch:
-            mean, std = batch["latent_mean"], batch["latent_std"]
-        else:
-            with torch.no_grad():
-                dist = self.vae.encode(batch["pixels"].to(next(self.vae.parameters()).dtype)).latent_dist
-            mean, std = dist.mean, dist.std
-        shape = mean.shape
-        latents = mean.float() + std.float() * torch.randn(shape, generator=generator).to(device)
-        latents = latents * self.vae_scaling
-        noise = torch.randn(shape, generator=generator).to(device)
-        steps = self.noise_scheduler.config.num_train_timesteps
-        t = torch.randint(0, steps, (shape[0],), generator=generator).to(device)
-        noisy = self.noise_scheduler.add_noise(latents, noise, t)
+        latents, noise, t, noisy = noised_latents(batch, self.vae, self.noise_scheduler, self.vae_scaling, generator,
+                                                  next(self.unet.parameters()).device)
         emb = batch["text_emb"] if "text_emb" in batch else self.encode_text(batch["input_ids"])
         pred = self.unet(noisy.to(dtype), t, emb.to(dtype)).sample
-        if self.noise_scheduler.config.prediction_type == "v_prediction":
-            target = self.noise_scheduler.get_velocity(latents, noise, t)
-        else:
-            target = noise
-        return F.mse_loss(pred.float(), target.float())
+        return F.mse_loss(pred.float(), diffusion_target(self.noise_scheduler, latents, noise, t).float())
+
+
+def noised_latents(batch: dict[str, torch.Tensor], vae, noise_scheduler, vae_scaling: float,
+                   generator: torch.Generator, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """One diffusion training step's input (latents, noise, timesteps, noised latents): a latent drawn
+    from the VAE's mean and std (cached in the batch, else encoded by ``vae``), then noise and a timestep
+    per example, all from ``generator`` in that order (the LoRA and ControlNet tasks share it)."""
+    if "latent_mean" in batch:
+        mean, std = batch["latent_mean"], batch["latent_std"]
+    else:
+        with torch.no_grad():
+            dist = vae.encode(batch["pixels"].to(next(vae.parameters()).dtype)).latent_dist
+        mean, std = dist.mean, dist.std
+    shape = mean.shape
+    latents = mean.float() + std.float() * torch.randn(shape, generator=generator).to(device)
+    latents = latents * vae_scaling
+    noise = torch.randn(shape, generator=generator).to(device)
+    t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (shape[0],), generator=generator).to(device)
+    return latents, noise, t, noise_scheduler.add_noise(latents, noise, t)
+
+
+def diffusion_target(noise_scheduler, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """What the UNet learns to predict: the noise, or the velocity for a v-prediction model."""
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        return noise_scheduler.get_velocity(latents, noise, t)
+    return noise
 
 
 def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
