@@ -5,7 +5,6 @@ Plain matplotlib Figures rendered by Agg: no pyplot, no global backend switch.""
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
@@ -53,21 +52,9 @@ def features_tsne(groups: dict[str, np.ndarray], path: Path, seed: int = 0) -> P
 
 def worst_fidelity(worst: list[WorstEntry], path: Path) -> Path:
     """A grid of the lowest-Dice pairs (lowest first) with the key, the set and the Dice."""
-    from matplotlib.figure import Figure
+    from sonosynth.trainers.evaluation.segmentation import overlay_grid
 
     worst = sorted(worst, key=lambda w: -w[0])
-    cols = max(1, min(4, len(worst)))
-    rows = max(1, math.ceil(len(worst) / cols))
-    fig = Figure(figsize=(3.2 * cols, 3.2 * rows))
-    axes = fig.subplots(rows, cols, squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, (neg, _, key, which, rgb) in zip(axes.flat, worst):
-        ax.imshow(rgb)
-        ax.set_title(f"{key} ({which})\nDice {-neg:.3f}", fontsize=7)
-    if not worst:
-        axes[0, 0].text(0.5, 0.5, "no pair was scored", ha="center", va="center")
-    fig.suptitle("lowest label fidelity: mask green, segmenter red, box prompt yellow", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    return path
+    return overlay_grid([(rgb, f"{key} ({which})\nDice {-neg:.3f}") for neg, _, key, which, rgb in worst],
+                        "lowest label fidelity: mask green, segmenter red, box prompt yellow", path,
+                        empty="no pair was scored")

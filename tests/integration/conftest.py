@@ -3,6 +3,7 @@ everything it started, wait for a job to reach a point (a checkpoint, a finished
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import subprocess
@@ -97,3 +98,20 @@ def tiny_lora(tmp_path_factory) -> Path:
 
     return write_random_lora(tmp_path_factory.mktemp("tiny-lora") / "lora", DiffusionModelConfig(), rank=4,
                              resolution=64)
+
+
+def _fingerprint(uri, storage=None) -> dict[str, str]:
+    from sonosynth.datasets.reader import DatasetReader
+
+    out: dict[str, str] = {}
+    for s in DatasetReader(str(uri), storage=storage, distributed=False).samples():
+        assert s.key not in out, f"duplicate key {s.key}"
+        out[s.key] = hashlib.sha256(s.image.tobytes() + s.mask.tobytes()).hexdigest()
+    return out
+
+
+@pytest.fixture(scope="session")
+def fingerprint():
+    """``fingerprint(dataset, storage=None)``: sample key -> sha256 of its image and mask bytes, read back
+    through the project's reader (a key seen twice fails the test)."""
+    return _fingerprint

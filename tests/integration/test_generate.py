@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import subprocess
@@ -11,7 +10,6 @@ from pathlib import Path
 import pytest
 import webdataset as wds
 
-from sonosynth.datasets.reader import DatasetReader
 
 pytestmark = pytest.mark.integration
 N = 24
@@ -23,18 +21,8 @@ def work(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("generate")
 
 
-def fingerprint(uri: str, storage=None) -> dict[str, str]:
-    """key -> sha256 of image and mask bytes, read back through the project's reader."""
-    out = {}
-    for s in DatasetReader(uri, storage=storage, distributed=False).samples():
-        assert s.key not in out, f"duplicate key {s.key}"
-        assert s.mask is not None and s.mask.max() == 255 and s.meta["qc_reason"] is None
-        out[s.key] = hashlib.sha256(s.image.tobytes() + s.mask.tobytes()).hexdigest()
-    return out
-
-
 @pytest.fixture(scope="module")
-def reference(work, tiny_lora, procs) -> tuple[Path, dict, str]:
+def reference(work, tiny_lora, procs, fingerprint) -> tuple[Path, dict, str]:
     out = work / "reference"
     proc = procs.cli(["generate", "generate_tiny", "--out", str(out), "--lora", str(tiny_lora), *BASE,
                 "--set", f"tracking.uri=sqlite:///{work / 'mlruns.db'}"], cwd=work)
@@ -52,6 +40,8 @@ def test_exactly_n_unique_samples_readable_by_webdataset_and_our_reader(referenc
     assert len(tars) == N // 4
     records = list(wds.WebDataset(tars, shardshuffle=False).decode("l"))
     assert len(records) == N and {r["__key__"] for r in records} == set(prints)
+    for record in records:  # every delivered sample passed QC and has its filled mask
+        assert record["mask.png"].max() == 1.0 and record["meta.json"]["qc_reason"] is None  # "l": 0..1
     meta = records[0]["meta.json"]
     assert {"seed", "prompt", "scheduler", "steps", "lora_sha256", "base_model", "generation_run"} <= set(meta)
     assert meta["scheduler"] == "dpm++" and meta["source"] == "synthetic"
@@ -75,7 +65,7 @@ def shard_done(out: Path):
     return lambda: (out / "_done").is_dir() and bool(list((out / "_done").glob("*.json")))
 
 
-def test_a_killed_sampler_actor_still_ends_with_exactly_n(work, tiny_lora, reference, procs):
+def test_a_killed_sampler_actor_still_ends_with_exactly_n(work, tiny_lora, reference, procs, fingerprint):
     import psutil
 
     out = work / "actor-killed"
@@ -96,7 +86,7 @@ def test_a_killed_sampler_actor_still_ends_with_exactly_n(work, tiny_lora, refer
     assert fingerprint(str(out)) == reference[1]  # same run id, same samples, nothing twice
 
 
-def test_an_interrupted_job_rerun_completes_without_duplicates(work, tiny_lora, reference, procs):
+def test_an_interrupted_job_rerun_completes_without_duplicates(work, tiny_lora, reference, procs, fingerprint):
     out = work / "interrupted"
     args = ["generate", "generate_tiny", "--out", str(out), "--lora", str(tiny_lora), *BASE,
             "--set", "tracking.enabled=false"]
@@ -114,7 +104,7 @@ def test_an_interrupted_job_rerun_completes_without_duplicates(work, tiny_lora, 
 
 
 def test_writes_to_s3_with_the_lora_from_the_mlflow_registry(work, tiny_lora, reference, s3_bucket,
-                                                             moto_endpoint, mlflow_url, procs):
+                                                             moto_endpoint, mlflow_url, procs, fingerprint):
     from mlflow import MlflowClient
 
     from sonosynth.infra.tracking import Tracker, TrackingConfig

@@ -79,14 +79,6 @@ def args(out: Path, controlnet: Path, masks: Path, segmenter: Path) -> list[str]
             "--set", "qc.min_label_fidelity=0", "--set", "tracking.enabled=false", "--no-progress"]
 
 
-def fingerprint(out: Path) -> dict[str, str]:
-    prints = {}
-    for s in DatasetReader(str(out), distributed=False).samples():
-        assert s.key not in prints, f"duplicate key {s.key}"
-        prints[s.key] = hashlib.sha256(s.image.tobytes() + s.mask.tobytes()).hexdigest()
-    return prints
-
-
 @pytest.fixture(scope="module")
 def reference(work, controlnet, segmenter, make_phantom_dataset, procs):
     masks = make_phantom_dataset(work / "phantom", 12, ["brain"], size=SIZE)
@@ -120,7 +112,7 @@ def test_exactly_n_pairs_whose_masks_are_the_conditioning_masks(reference, contr
     assert len(manifest) == N and all(r["has_mask"] and r["qc_ellipse_a"] > 0 for r in manifest)
 
 
-def test_rerunning_the_same_command_is_a_no_op(reference, controlnet, segmenter):
+def test_rerunning_the_same_command_is_a_no_op(reference, controlnet, segmenter, fingerprint):
     from sonosynth.launch.generate.config import GenerateConfig
     from sonosynth.launch.generate.driver import run_generate
     from sonosynth.launch.recipes import resolve
@@ -138,7 +130,8 @@ def test_rerunning_the_same_command_is_a_no_op(reference, controlnet, segmenter)
     assert {p: p.stat().st_mtime_ns for p in (out / "shards").glob("*.tar")} == tars
 
 
-def test_a_lost_shard_and_record_are_redrawn_to_the_same_samples(work, reference, controlnet, segmenter, procs):
+def test_a_lost_shard_and_record_are_redrawn_to_the_same_samples(work, reference, controlnet, segmenter, procs,
+                                                                 fingerprint):
     out, masks, _ = reference
     resumed = work / "resumed"
     shutil.copytree(out, resumed)

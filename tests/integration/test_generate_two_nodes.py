@@ -6,7 +6,6 @@ no re-run. Each kill is followed by a fresh worker node joining, as KubeRay repl
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -57,16 +56,6 @@ def samplers_under(pid: int) -> list[int]:
     return found
 
 
-def fingerprint(out: Path) -> dict[str, str]:
-    from sonosynth.datasets.reader import DatasetReader
-
-    prints = {}
-    for s in DatasetReader(str(out), distributed=False).samples():
-        assert s.key not in prints, f"duplicate key {s.key}"
-        prints[s.key] = hashlib.sha256(s.image.tobytes() + s.mask.tobytes()).hexdigest()
-    return prints
-
-
 def start(state, tiny_lora: Path, out: Path) -> subprocess.Popen:
     args = [SONOSYNTH, "generate", "generate_tiny", "--out", str(out), "--lora", str(tiny_lora), *ARGS,
             "--address", state["services"]["ray-head"]["gcs"]]
@@ -105,7 +94,7 @@ def uninterrupted(cluster, tiny_lora, tmp_path_factory):
     return out, seen, finish(proc)
 
 
-def test_actors_land_on_both_nodes_and_deliver_exactly_n(uninterrupted):
+def test_actors_land_on_both_nodes_and_deliver_exactly_n(uninterrupted, fingerprint):
     out, seen, output = uninterrupted
     assert seen["ray-head"] and seen["ray-worker-1"], f"sampler actors per node: {seen}"
     summary = json.loads((out / "summary.json").read_text())
@@ -137,7 +126,7 @@ def worker_node(cluster) -> str:
 
 @pytest.mark.parametrize("moment", list(KILL_MOMENTS))
 def test_killing_the_worker_node_ends_with_exactly_n_without_a_rerun(cluster, tiny_lora, tmp_path, uninterrupted,
-                                                                     worker_node, moment):
+                                                                     worker_node, moment, fingerprint):
     folder, state = cluster
     out = tmp_path / f"node-killed-{moment}"
     proc = start(state, tiny_lora, out)

@@ -237,17 +237,29 @@ def plots(rows: list[dict[str, Any]], worst: list[tuple], folder: Path) -> list[
     fig.savefig(paths[-1], dpi=100)
     if worst:
         worst = sorted(worst, key=lambda w: -w[0])  # heap entries hold -dice: lowest Dice first
-        cols = min(4, len(worst))
-        nrows = math.ceil(len(worst) / cols)
-        fig = Figure(figsize=(4 * cols, 3.8 * nrows))
-        axes = fig.subplots(nrows, cols, squeeze=False)
-        for ax in axes.flat:
-            ax.axis("off")
-        for ax, (neg, _, key, rgb, box_dice) in zip(axes.flat, worst):
-            ax.imshow(rgb)
-            ax.set_title(f"{key}\nDice {-neg:.3f} (box {box_dice:.3f})", fontsize=8)
-        fig.suptitle("lowest Dice: mask green, prediction red, box prompt yellow", fontsize=9)
-        fig.tight_layout()
-        paths.append(folder / "worst_cases.png")
-        fig.savefig(paths[-1], dpi=100)
+        tiles = [(rgb, f"{key}\nDice {-neg:.3f} (box {box_dice:.3f})") for neg, _, key, rgb, box_dice in worst]
+        paths.append(overlay_grid(tiles, "lowest Dice: mask green, prediction red, box prompt yellow",
+                                  folder / "worst_cases.png"))
     return paths
+
+
+def overlay_grid(tiles: list[tuple[np.ndarray, str]], title: str, path: Path, cols: int = 4,
+                 empty: str = "nothing to show") -> Path:
+    """Overlays (``overlay``'s RGB images) in a grid, each with its caption, saved as a PNG at ``path``."""
+    from matplotlib.figure import Figure
+
+    cols = max(1, min(cols, len(tiles)))
+    rows = max(1, math.ceil(len(tiles) / cols))
+    fig = Figure(figsize=(4 * cols, 3.8 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (rgb, caption) in zip(axes.flat, tiles):
+        ax.imshow(rgb)
+        ax.set_title(caption, fontsize=8)
+    if not tiles:
+        axes[0, 0].text(0.5, 0.5, empty, ha="center", va="center")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return path
