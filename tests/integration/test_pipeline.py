@@ -69,7 +69,7 @@ def demo(tmp_path_factory, procs):
 
 def test_a_killed_pipeline_resumes_and_skips_the_finished_stages(demo):
     out, uri, stdout, before = demo
-    assert "[1/11] real (ingest): done earlier, skipped" in stdout
+    assert "[1/18] real (ingest): done earlier, skipped" in stdout
     [real_done] = out.glob("real/*/_PIPELINE_DONE.json")
     assert real_done.read_text() == before["real_done"] and real_done.stat().st_mtime == before["real_mtime"]
     [lora] = [p for p in (out / "lora").iterdir() if p.name != "_replaced"]

@@ -249,7 +249,8 @@ def test_the_demo_recipe_wires_every_section_and_leaves_out_the_real_samples_whe
 
     cfg = resolve_pipeline("demo", {"out": str(tmp_path)}, [f"hc18.if_exists={tmp_path / 'no-data'}"])
     steps = {s.section: s for s in plan(cfg)}
-    assert [s for s, st in steps.items() if st.skip] == ["hc18", "eval_real_hc18", "eval_synthetic_hc18"]
+    assert [s for s, st in steps.items() if st.skip] == ["hc18", "eval_real_hc18", "eval_synthetic_hc18",
+                                                          "eval_mask_hc18"]
     assert steps["promote"].uses == ["hc18", "real", "sam_synthetic"]
     absent = {"hc18"}
 
