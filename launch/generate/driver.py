@@ -46,8 +46,7 @@ def _lora_payload(cfg: GenerateConfig) -> tuple[dict[str, bytes] | None, str | N
     if not cfg.sampler.lora:
         return None, None, {}
     folder, sha = resolve_lora(cfg.sampler.lora, cfg.tracking.resolved_uri())
-    files = {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-    return files, sha, read_lineage(folder)
+    return _folder_files(folder), sha, read_lineage(folder)
 
 
 def _folder_files(folder) -> dict[str, bytes]:

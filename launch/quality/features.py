@@ -39,12 +39,14 @@ INCEPTION_HINT = ("torch-fidelity's Inception needs `pip install --no-deps torch
 
 def weights_sha256(path: str | Path) -> str:
     """sha256 of a weights file, or of a folder (its files' relative names and contents, in order)."""
+    from sonosynth.trainers.sam.models import sha256_file
+
     path = Path(path).expanduser()
+    if path.is_file():
+        return sha256_file(path)
     digest = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    for file in files:
-        if file != path:
-            digest.update(str(file.relative_to(path)).encode() + b"\0")
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(str(file.relative_to(path)).encode() + b"\0")
         with open(file, "rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 digest.update(chunk)

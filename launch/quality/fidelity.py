@@ -42,8 +42,7 @@ def build_predictor(cfg: FidelityConfig, storage: StorageConfig, tracking_uri: s
     import torch
 
     from sonosynth.infra.model_registry import is_mlflow_uri, model_folder
-    from sonosynth.launch.quality.features import weights_sha256
-    from sonosynth.trainers.sam.models import WEIGHTS_FILE, load_sam_model, predict_masks
+    from sonosynth.trainers.sam.models import WEIGHTS_FILE, load_sam_model, predict_masks, sha256_file
 
     with model_folder(cfg.model, tracking_uri if is_mlflow_uri(cfg.model) else None, what="SAM model",
                       required=WEIGHTS_FILE, storage=storage,
@@ -53,7 +52,7 @@ def build_predictor(cfg: FidelityConfig, storage: StorageConfig, tracking_uri: s
                                  device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
         except FileNotFoundError as err:
             raise ConfigError(f"fidelity.model={cfg.model!r}: {err}") from None
-        digest = weights_sha256(folder / WEIGHTS_FILE)
+        digest = sha256_file(folder / WEIGHTS_FILE)
 
     def predict(sample: Sample, boxes: np.ndarray) -> np.ndarray:
         return predict_masks(sam, sample.image, boxes)[0]
