@@ -178,16 +178,24 @@ Examples:
     sonosynth pipeline demo --set lora.engine.max_steps=20
 """
 
-SWEEP_HELP = """Run one stage over a grid of overrides, then write the results table from MLflow.
+SWEEP_HELP = """Run one stage over a grid of overrides and seeds; tables with 95% intervals from MLflow.
 
-The sweep recipe names the stage, its base recipe and the grid (each axis maps labels to
-overrides); every combination is a cell with its own output folder under OUT, run by the
-stage itself, so finished cells are skipped and a killed sweep resumes. With an evaluate
-section each cell's model is also scored. OUT gets results.csv and results.md (one row
-per cell, the metrics read back from the MLflow runs) and summary.json.
+The sweep recipe names the stage, its base recipe, the grid (each axis maps labels to
+overrides) and the seeds: every cell runs once per seed, each run in its own folder under
+OUT, run by the stage itself, so finished runs are skipped and a killed sweep resumes. For
+one seed every arm draws the same real subset, and a smaller count's subset is inside a
+larger one's. An optional prepare pipeline runs first (e.g. ingest, LoRA, generate); an
+evaluate section scores every run on one fixed held-out set.
 
-Example:
+OUT gets, read back from the MLflow runs: runs.csv (one row per run), results.csv and
+results.md (per cell: the mean over seeds with its 95% Student t interval), differences.csv
+(each arm minus the baseline arm, paired by seed) and a plot of the first metric against the
+numeric axis with interval bands. --parallel N runs N at once as Ray tasks on the cluster
+(--address), auto as many as its CPUs and GPUs hold.
+
+Examples:
 
 \b
-    sonosynth sweep sam_paper_a_sweep --out s3://bucket/sweeps/paper-a
+    sonosynth sweep value_tiny                      # CPU, under 30 minutes on 2 cores
+    sonosynth sweep sam_paper_a_sweep --parallel auto --address auto
 """

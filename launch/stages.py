@@ -198,7 +198,8 @@ def _pipeline_summary(report: Report) -> str:
 
 
 def _sweep():
-    from sonosynth.launch.pipeline.sweep import SweepConfig, run
+    from sonosynth.launch.sweep.config import SweepConfig
+    from sonosynth.launch.sweep.runner import run
 
     return SweepConfig, run
 
@@ -299,8 +300,10 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           ), recipe_help="Pipeline recipe: a name in configs/ (e.g. demo) or a YAML path.",
           set_help="Override any field: SECTION.key=value for a stage (e.g. lora.engine.max_steps=20), or a "
                    "pipeline field (repeatable).", resolver=_resolve_pipeline, render=_pipeline_summary),
-    Stage("sweep", "one stage over a grid of overrides; the results table read back from MLflow", _sweep,
-          SWEEP_HELP, (out_flag(),)),
+    Stage("sweep", "one stage over a grid of overrides and seeds; tables with intervals from MLflow", _sweep,
+          SWEEP_HELP, (out_flag(), Flag("parallel", "parallel", "Runs at once: 1 (here, one after another), N "
+                                         "(Ray tasks on the cluster) or auto (as many as the cluster holds).",
+                                         metavar="N|auto"), ADDRESS)),
 )}
 
 

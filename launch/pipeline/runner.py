@@ -197,6 +197,12 @@ class Run(RunTracking, RunReport):
                 self.reports[step.section] = done["report"]
                 self.take_gate(step)
 
+    def _section_figures(self, row: dict[str, Any]) -> dict[str, Any]:
+        """A section's status and key, and where it wrote (``out``, ``outputs``: what ${SECTION...} reads)."""
+        step = self.by_name[row["section"]]
+        return {"status": row["status"], "key": row["key"], "out": step.out,
+                "outputs": dict((self.reports.get(step.section) or {}).get("outputs") or {})}
+
     def selected(self) -> tuple[set[str], set[str]]:
         """(sections to run when not done, sections forced to re-run)."""
         names = [s.section for s in self.steps]
@@ -354,7 +360,7 @@ class Run(RunTracking, RunReport):
         return Report(stage="pipeline", out=self.root, text="\n".join(lines),
                       figures={"status": status, "ran": ran, "skipped": skipped, "pipeline_key": self.pkey,
                                "gated": [s.section for s in self.steps if s.gated_by], "gates": self.gate_summary(),
-                               "stages": {r["section"]: {"status": r["status"], "key": r["key"]} for r in rows}},
+                               "stages": {r["section"]: self._section_figures(r) for r in rows}},
                       outputs={"report": f"{self.root}/report.html", "lineage": f"{self.root}/lineage.md",
                                "summary": f"{self.root}/pipeline.json"},
                       tracking={"uri": redact_uri(self.uri), "run_id": self.parent.run_id if self.parent else None,

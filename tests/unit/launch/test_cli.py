@@ -68,11 +68,15 @@ def test_every_stage_verb_takes_the_recipe_first(tmp_path):
     bad.write_text("out: x\nnot_a_field: 1\n")
     from sonosynth.launch.stages import STAGES
 
-    for verb in STAGES:
-        res = _run(verb, str(bad))
-        assert res.returncode == 2 and "not_a_field: unknown key" in res.stderr, (verb, res.stderr)
-        res = _run(verb, "no_such_recipe")
-        assert res.returncode == 2 and "no recipe 'no_such_recipe'" in res.stderr, (verb, res.stderr)
+    from typer.testing import CliRunner
+
+    from sonosynth.launch.cli.app import app
+
+    for verb in STAGES:  # in this process: a console script per verb and recipe took 36 s
+        res = CliRunner().invoke(app, [verb, str(bad)])
+        assert res.exit_code == 2 and "not_a_field: unknown key" in res.stderr, (verb, res.stderr)
+        res = CliRunner().invoke(app, [verb, "no_such_recipe"])
+        assert res.exit_code == 2 and "no recipe 'no_such_recipe'" in res.stderr, (verb, res.stderr)
 
 
 def test_demo_rejects_unknown_sections(tmp_path):

@@ -300,7 +300,8 @@ def test_export_loads_back_and_predicts_the_same(task, tmp_path):
 
 def test_classifier_recipes_resolve_and_the_sweep_matches_the_paper_rows():
     from sonosynth.launch.recipes import packaged_recipes, resolve
-    from sonosynth.launch.pipeline.sweep import SweepConfig, cell_config
+    from sonosynth.launch.sweep.cells import cell_config
+    from sonosynth.launch.sweep.config import RunSpec, SweepConfig
 
     names = sorted(p.stem for p in packaged_recipes().glob("classifier_*.yaml") if p.stem != "classifier_paper_sweep")
     assert {"classifier_tiny", "classifier_es", "classifier_es_da", "classifier_hb", "classifier_hb_da"} <= set(names)
@@ -326,3 +327,6 @@ def test_classifier_recipes_resolve_and_the_sweep_matches_the_paper_rows():
             k: (s.count, s.class_balanced, s.split) for k, s in row.data.sources.items()}
         assert cfg.data.labels == row.data.labels and cfg.engine.epochs == row.engine.epochs
         assert cfg.data.sources["real"].dataset.startswith("s3://") and cfg.engine.device == "gpu"
+    assert len(sweep.runs()) == 60 and sweep.baseline == {"data": "ES"}  # 3 seeds, HB paired with ES
+    seeded = cell_config(sweep, RunSpec(cells[0], 2), ClassifierTrainConfig)
+    assert (seeded.data.seed, seeded.engine.seed) == (2, 2) and seeded.out.endswith("__seed-2")

@@ -323,7 +323,8 @@ def test_a_bf16_engine_trains_the_same_module(data, tmp_path, mode):
 
 def test_every_sam_recipe_resolves_and_the_sweep_builds_every_cell():
     from sonosynth.launch.recipes import find_recipe, load_recipe, packaged_recipes, resolve
-    from sonosynth.launch.pipeline.sweep import SweepConfig, cell_config
+    from sonosynth.launch.sweep.cells import cell_config
+    from sonosynth.launch.sweep.config import SweepConfig
 
     names = sorted(p.stem for p in packaged_recipes().glob("sam_*.yaml"))
     assert {"sam_tiny", "sam_paper_a", "sam_paper_a_sweep"} <= set(names)
