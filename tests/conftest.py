@@ -15,6 +15,16 @@ REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("SONOSYNTH_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _session_caches(tmp_path_factory):
+    """Caches (SAM embedding stores, s3:// shards) in the session's folder, never the home cache; shared by
+    the session's tests and the processes they start."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("SONOSYNTH_CACHE_DIR", str(tmp_path_factory.mktemp("caches")))
+    yield
+    patch.undo()
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():

@@ -2,12 +2,14 @@
 
 ``TrainTask`` is built on every rank as ``TrainTask(cfg, ctx)``; ``WorkerContext`` is the
 rank's view of the job (rank, world, device, output storage, the current step);
-``encode_once`` is how a task caches what a frozen encoder makes of its examples.
+``encode_once`` is how a task caches what a frozen encoder makes of its examples in memory
+(``embedding_store`` keeps them on each node's disk instead).
 docs/architecture.md has the contract on one page with a toy task as the example.
 """
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -44,6 +46,14 @@ class WorkerContext:
         out: list[Any] = [None] * self.world
         torch.distributed.all_gather_object(out, obj)
         return out
+
+    def node_ranks(self) -> list[int]:
+        """The ranks on this rank's machine (grouped by hostname), lowest first: the first is the
+        node's leader. Every rank must call it together."""
+        hosts = self.all_gather(socket.gethostname())
+        if len(hosts) != self.world:  # not distributed
+            return [self.rank]
+        return [r for r, host in enumerate(hosts) if host == hosts[self.rank]]
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum ``tensor`` across ranks in place (a device tensor: NCCL reduces only GPU tensors)."""
@@ -121,11 +131,11 @@ class TrainTask:
 
 @torch.no_grad()
 def encode_once(ctx: WorkerContext, n: int, load: Callable[[int], torch.Tensor],
-                encode: Callable[[torch.Tensor], Any], chunk: int = 8) -> Any:
+                encode: Callable[[torch.Tensor], Any], chunk: int = 8, dtype: torch.dtype = torch.float32) -> Any:
     """What a frozen encoder makes of examples ``0..n-1``, each encoded once in the whole job: this
     rank encodes every world-th example (``encode`` of up to ``chunk`` stacked ``load(i)``, on the
-    rank's device), then the shares are gathered, so every rank gets all ``n`` on the CPU (float32,
-    in example order). ``encode`` returns a tensor or a tuple of tensors with one row per example;
+    rank's device), then the shares are gathered, so every rank gets all ``n`` on the CPU (in
+    ``dtype``, in example order). ``encode`` returns a tensor or a tuple of tensors with one row per example;
     the result has the same form, each stacked over the ``n`` examples."""
     if n < 1:
         raise ValueError("encode_once needs at least one example")
@@ -135,8 +145,8 @@ def encode_once(ctx: WorkerContext, n: int, load: Callable[[int], torch.Tensor],
         part = mine[start:start + chunk]
         out = encode(torch.stack([load(i) for i in part]).to(ctx.device))
         for row, i in enumerate(part):
-            encoded[i] = (tuple(t[row].float().cpu() for t in out) if isinstance(out, tuple)
-                          else out[row].float().cpu())
+            encoded[i] = (tuple(t[row].to(dtype).cpu() for t in out) if isinstance(out, tuple)
+                          else out[row].to(dtype).cpu())
     gathered: dict[int, Any] = {}
     for share in ctx.all_gather(encoded):
         gathered.update(share)

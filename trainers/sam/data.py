@@ -5,11 +5,14 @@ An example: the image and mask resized so the longest side is ``data.image_size`
 with one paired draw, then the box prompt taken from the **augmented** mask (each side pushed
 out by 0..``box_jitter_px`` px at 256 px scale), then SAM's own preprocessing (longest side to
 the encoder's input, normalise, pad) and the mask in the frame of SAM's low-res logits.
+``image_identities`` names each example's image for the embedding cache (``trainers.embedding_store``).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import hashlib
+import os
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -17,10 +20,24 @@ from torch.utils.data import Dataset
 
 from sonosynth.datasets.augment import (PairedAugment, box_from_mask, boxes_to_input, draw_seed, full_box,
                                         logit_target, preprocess_shape, resize_mask, sam_preprocess)
+from sonosynth.datasets.indexed import IMAGE, IMAGE_LEN, SHARD, START, IndexedMix
 from sonosynth.datasets.mix import Manifests, Taken, choose, take
 from sonosynth.infra.storage import StorageConfig
 from sonosynth.trainers.sam.config import SamDataConfig
 from sonosynth.trainers.sam.models import resize_image
+
+
+PREPROCESS_VERSION = 1
+"""What ``SamExamples.image`` makes of a sample (``resize_pair`` to ``data.image_size``, then
+``sam_preprocess``); part of the embedding cache's key: bump it when that changes."""
+
+
+class Embeddings(Protocol):
+    """Cached embeddings, one float32 [C, g, g] tensor per example (``trainers.embedding_store``)."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, i: int) -> torch.Tensor: ...
 
 
 def with_mask(rows: list[dict[str, Any]]) -> list[str]:
@@ -73,7 +90,7 @@ class SamExamples(Dataset):
     fixed box per sample and no augmentation."""
 
     def __init__(self, source: Dataset, *, augment: PairedAugment, work_size: int | None, model_size: int,
-                 low_res: int, jitter_px: int, seed: int, fixed: bool, embeddings: torch.Tensor | None = None):
+                 low_res: int, jitter_px: int, seed: int, fixed: bool, embeddings: Embeddings | None = None):
         self.source, self.augment, self.work_size = source, augment, work_size
         self.model_size, self.low_res, self.jitter_px, self.seed = model_size, low_res, jitter_px, seed
         self.fixed = fixed
@@ -104,3 +121,23 @@ class SamExamples(Dataset):
         """The unaugmented preprocessed image of example ``i`` (what the cache embeds)."""
         _, image, _ = self.raw(i)
         return sam_preprocess(image, self.model_size)[0]
+
+
+def image_identities(source: IndexedMix) -> list[str]:
+    """Each sample's identity for the embedding cache: dataset uri, sample key and the sha256 of its
+    ``image.png`` bytes (manifests hold no content hash, and a dataset ingested again under the same
+    keys may hold other pixels)."""
+    out, fds = [], {}
+    try:
+        for i in range(len(source)):
+            ds, j = source.locate(i)
+            shard, start, image, length = (int(ds.index[j][c]) for c in (SHARD, START, IMAGE, IMAGE_LEN))
+            path = ds.paths[shard]
+            if path not in fds:
+                fds[path] = os.open(path, os.O_RDONLY)
+            data = os.pread(fds[path], length, start + image)
+            out.append(f"{ds.uri}\n{ds.key(j)}\nsha256:{hashlib.sha256(data).hexdigest()}")
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    return out

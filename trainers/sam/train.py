@@ -24,10 +24,15 @@ module says what SAM's data, forward, metric and export are. The recipe's sectio
 - **Modes.** ``decoder``: only the mask decoder trains (paper A). ``lora``: the decoder and
   peft LoRA adapters on the image encoder's attention (``qkv``). ``full``: everything.
 - **Embedding cache.** With the image encoder frozen (``decoder``) and no augmentation, each
-  example is embedded once in the whole job (the engine's ``encode_once``, as the LoRA task
-  caches latents); steps then run only the prompt encoder and the mask decoder. With
+  image is embedded once and steps run only the prompt encoder and the mask decoder. With
   augmentation the encoder runs every step (on unaugmented validation images the cache is
-  kept). ``cache_embeddings`` forces either way where it is possible.
+  kept). ``cache_embeddings`` forces either way where it is possible. The embeddings live on each
+  node's local disk (``embedding_cache``, ``trainers.embedding_store``): float16 by default, one
+  file per build shared by the node's ranks, each encoding its share, read row by row so a rank's
+  memory does not grow with the set, and reused by later jobs (a sweep's cells) per image: the
+  store is keyed by the encoder's weights (the checkpoint's sha256), the encoder's input size,
+  ``data.image_size``, ``data.PREPROCESS_VERSION`` and the dtype, an image by its dataset, key and
+  bytes. ``embedding_cache.in_memory`` holds them in every rank's memory instead.
 - **Loss.** MONAI ``DiceCELoss(sigmoid=True, squared_pred=True)`` on the low-res logits
   against the mask in that frame (paper A).
 - **Export.** ``model/sam_finetuned.pt`` (``trainers.sam.models.FORMAT``), with the engine's
@@ -49,11 +54,12 @@ from sonosynth.datasets.augment import PairedAugment, box_from_mask
 from sonosynth.datasets.mix import mix_lineage, open_mix
 from sonosynth.datasets.reader import add_skipped
 from sonosynth.trainers.config import TrainStageConfig
+from sonosynth.trainers.embedding_store import CacheReport, EmbeddingCacheConfig, cached_embeddings
 from sonosynth.trainers.sam.config import SamDataConfig, SamLoraConfig, SamLossConfig
-from sonosynth.trainers.sam.data import SamExamples, plan_sam_data
+from sonosynth.trainers.sam.data import PREPROCESS_VERSION, Embeddings, SamExamples, image_identities, plan_sam_data
 from sonosynth.trainers.sam.models import FORMAT, WEIGHTS_FILE, SamModelConfig, build_sam, embed, sha256_file
 from sonosynth.trainers.sam.module import SamTrainModule, add_encoder_lora, batch_dice
-from sonosynth.trainers.task import TrainTask, WorkerContext, encode_once
+from sonosynth.trainers.task import TrainTask, WorkerContext
 from sonosynth.trainers.tasks import register_task
 
 
@@ -64,8 +70,8 @@ class SamTrainConfig(TrainStageConfig):
     stage: ClassVar[str] = "train-sam"
     experiment: ClassVar[str] = "sonosynth-train-sam"
     registered_model: ClassVar[str] = "sonosynth-sam"
-    resumable_changes: ClassVar[tuple[str, ...]] = TrainStageConfig.resumable_changes + ("data.cache_dir",
-                                                                                        "data.reader")
+    resumable_changes: ClassVar[tuple[str, ...]] = TrainStageConfig.resumable_changes + (
+        "data.cache_dir", "data.reader", "embedding_cache.dir", "embedding_cache.in_memory")
     engine_defaults: ClassVar[dict[str, Any]] = {"epochs": 20, "micro_batch": 5, "best_metric": "val/dice",
                                                  "best_mode": "max"}
     """Paper A's 20 epochs at micro-batch 5, the checkpoint with the best val/dice exported
@@ -83,6 +89,8 @@ class SamTrainConfig(TrainStageConfig):
     cache_embeddings: bool | None = None
     """Embed each image once instead of every step. Null: on when the encoder is frozen (mode decoder)
     and augmentation is none (validation images are then cached too, augmented or not)."""
+    embedding_cache: EmbeddingCacheConfig = EmbeddingCacheConfig()
+    """Where the cached embeddings are kept (each node's local disk, float16) and reused across jobs."""
     loss: SamLossConfig = SamLossConfig()
     """Loss weights."""
 
@@ -163,19 +171,44 @@ class SamTask(TrainTask):
                                           fixed=False, **common)
         self.val_examples = SamExamples(self.val_source, augment=PairedAugment("none"), fixed=True, **common)
         t0 = time.perf_counter()
+        self._store_key: dict[str, Any] | None = None
+        self.cache_reports: dict[str, CacheReport] = {}
         if cfg.cache_train and len(self.train_examples):
-            self.train_examples.embeddings = self._embed_all(self.train_examples)
+            self.train_examples.embeddings = self._embed_all(self.train_examples, "train")
         if cfg.cache_val and len(self.val_examples):
-            self.val_examples.embeddings = self._embed_all(self.val_examples)
+            self.val_examples.embeddings = self._embed_all(self.val_examples, "val")
         self.cache_seconds = time.perf_counter() - t0
         self.encoder_needed = not cfg.cache_train  # (a cached training set implies a cached validation set)
         if not self.encoder_needed:
             sam.image_encoder.to("cpu")  # what the cache replaces leaves the device (ViT-B: ~350 MB)
 
-    def _embed_all(self, examples: SamExamples) -> torch.Tensor:
+    def _embed_all(self, examples: SamExamples, split: str) -> Embeddings:
         """The frozen encoder's embedding of every example's unaugmented image (``build_sam``'s
-        model is in eval mode)."""
-        return encode_once(self.ctx, len(examples), examples.image, lambda images: embed(self.sam, images))
+        model is in eval mode), from the node's embedding store."""
+        pe = self.sam.prompt_encoder
+        rows, self.cache_reports[split] = cached_embeddings(
+            self.ctx, self.cfg.embedding_cache, n=len(examples), row_shape=(pe.embed_dim, *pe.image_embedding_size),
+            key=self.store_key, identities=lambda: image_identities(examples.source), load=examples.image,
+            encode=lambda images: embed(self.sam, images))
+        return rows
+
+    def store_key(self) -> dict[str, Any]:
+        """What the cached embeddings depend on besides the image: the encoder's weights (the
+        checkpoint's sha256, or a random model's identity) and the preprocessing."""
+        if self._store_key is None:
+            model = self.cfg.model
+            weights = f"sha256:{sha256_file(model.checkpoint)}" if model.checkpoint else model.identity()
+            self._store_key = {"encoder": "sam-image-encoder", "arch": model.arch, "weights": weights,
+                               "encoder_input": self.model_size, "image_size": self.cfg.data.image_size,
+                               "preprocess": PREPROCESS_VERSION}
+        return self._store_key
+
+    def cache_lineage(self) -> dict[str, Any] | None:
+        """Which store the embeddings came from and how many images were reused (this node's figures)."""
+        if not self.cache_reports:
+            return None
+        return {"in_memory": self.cfg.embedding_cache.in_memory,
+                **{split: r.lineage() for split, r in self.cache_reports.items()}}
 
     def train_dataset(self) -> SamExamples:
         return self.train_examples
@@ -227,6 +260,8 @@ class SamTask(TrainTask):
             "image_size": cfg.data.image_size, "model_input_size": self.model_size,
             "augment": cfg.data.augment.preset, "box_jitter_px": cfg.data.augment.box_jitter_px,
             "cached_embeddings": cfg.cache_train, "cache_seconds": round(self.cache_seconds, 3),
+            "embedding_cache": self.cache_lineage(),
+            "cache_reused_images": sum(r.reused for r in self.cache_reports.values()),
             "lora": cfg.lora.to_dict() if cfg.mode == "lora" else None,
             "weights_sha256": sha256_file(path),
         }

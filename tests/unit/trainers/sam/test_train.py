@@ -47,8 +47,9 @@ def data(tmp_path_factory) -> tuple[str, str]:
 
 def _cfg(tmp: Path, real: str, **extra) -> SamTrainConfig:
     data = {"sources": {"real": {"dataset": real}}, "image_size": 64, **extra.pop("data", {})}
+    cache = {"dir": str(tmp / "embeddings"), **extra.pop("embedding_cache", {})}
     return build(SamTrainConfig, {"out": str(tmp / "out"), "data": data, "model": {"arch": "tiny"},
-                                  "engine": {"max_steps": 4, "micro_batch": 3}, **extra})
+                                  "engine": {"max_steps": 4, "micro_batch": 3}, "embedding_cache": cache, **extra})
 
 
 def _task(cfg: SamTrainConfig) -> SamTask:
@@ -62,7 +63,8 @@ def _batch(dataset, step: int, n: int = 3) -> dict:
 
 
 def test_cached_and_uncached_embeddings_give_the_same_loss_on_the_same_step(data, tmp_path):
-    cached, uncached = _task(_cfg(tmp_path, data[0])), _task(_cfg(tmp_path, data[0], cache_embeddings=False))
+    cached = _task(_cfg(tmp_path, data[0], embedding_cache={"dtype": "float32"}))  # float16 rounds the loss
+    uncached = _task(_cfg(tmp_path, data[0], cache_embeddings=False))
     assert cached.cfg.cache_train and not uncached.cfg.cache_train
     a, b = cached.module(), uncached.module()
     assert a.image_encoder is None and b.image_encoder is not None
@@ -84,6 +86,48 @@ def test_cached_and_uncached_embeddings_give_the_same_loss_on_the_same_step(data
         torch.testing.assert_close(pa, pb, rtol=1e-4, atol=1e-6, msg=name)
     # the validation set is cached in both (never augmented, encoder frozen) unless turned off
     assert cached.eval_dataset().embeddings is not None and uncached.eval_dataset().embeddings is None
+
+
+def test_the_disk_store_gives_the_in_memory_examples_and_the_next_job_reuses_it(data, tmp_path):
+    stored, held = _task(_cfg(tmp_path, data[0])), _task(_cfg(tmp_path, data[0], embedding_cache={"in_memory": True}))
+    for a, b in ((stored.train_dataset(), held.train_dataset()), (stored.eval_dataset(), held.eval_dataset())):
+        assert len(a) == len(b) > 0
+        for i in range(len(a)):
+            np.random.seed(i)
+            x = a[i]
+            np.random.seed(i)
+            y = b[i]
+            assert x.keys() == y.keys() == {"box", "target", "embedding"}
+            for name in x:
+                torch.testing.assert_close(x[name], y[name], rtol=0, atol=0, msg=name)  # the same float16 rows
+    n = len(stored.train_dataset()) + len(stored.eval_dataset())
+    assert stored.cache_lineage()["train"]["encoded_images"] == len(stored.train_dataset())
+    again = _task(_cfg(tmp_path, data[0], out=str(tmp_path / "other-job")))
+    assert again.cache_lineage()["train"]["store"] == stored.cache_lineage()["train"]["store"]
+    assert again.export(again.module(), tmp_path, None)["cache_reused_images"] == n
+    finer = _task(_cfg(tmp_path, data[0], data={"image_size": 48}))  # other preprocessing: another store
+    assert finer.cache_lineage()["train"]["store"] != stored.cache_lineage()["train"]["store"]
+
+
+def test_an_image_is_identified_by_its_dataset_key_and_bytes(tmp_path):
+    import shutil
+
+    from sonosynth.datasets.mix import Manifests, Taken, open_mix
+    from sonosynth.trainers.sam.data import image_identities
+
+    def identities(height: int) -> tuple[list[str], list[str]]:
+        shutil.rmtree(tmp_path / "ds", ignore_errors=True)
+        cfg = build(IngestConfig, {"out": str(tmp_path / "ds"), "splits": {"val": 0.0, "test": 0.0}, "cohort": {
+            "name": "phantom", "phantom": {"num": 3, "height": height, "width": 80, "planes": ["brain"]}}})
+        run_ingest(cfg, progress=False)
+        keys = sorted(r["key"] for r in Manifests().rows(str(tmp_path / "ds")))
+        mix = open_mix([Taken("real", str(tmp_path / "ds"), None, 3, keys)])
+        return mix.keys(), image_identities(mix)
+
+    keys, ids = identities(96)
+    again_keys, again = identities(64)  # ingested again under the same keys, other pixels
+    assert keys == again_keys and len(set(ids)) == 3 and not set(ids) & set(again)
+    assert all(i.startswith(f"{tmp_path / 'ds'}\n{k}\nsha256:") for i, k in zip(ids, keys))
 
 
 def test_an_example_is_sam_example_of_the_resized_pair_with_the_engine_seeded_draw(data, tmp_path):
