@@ -45,9 +45,20 @@ def is_secret_name(name: str) -> bool:
 def secret_values(environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """The secret-named environment variables worth masking: ``{value: name}``."""
     env = os.environ if environ is None else environ
-    # A copy: another thread (MLflow's telemetry) may set a variable while this runs.
-    items = list(dict(env).items())
-    return {v.strip(): k for k, v in items if is_secret_name(k) and len(v.strip()) >= MIN_SECRET_LEN}
+    return {v.strip(): k for k, v in _snapshot(env) if is_secret_name(k) and len(v.strip()) >= MIN_SECRET_LEN}
+
+
+def _snapshot(env: Mapping[str, str]) -> list[tuple[str, str]]:
+    """The variables as (name, value) pairs. Another thread (MLflow's telemetry) may set or remove one
+    while this reads: ``dict(os.environ)`` then raises KeyError (a name listed, then gone) or
+    RuntimeError (the mapping changed size), so names are listed first and each read with ``get``."""
+    for _ in range(5):
+        try:
+            names = list(env)
+        except RuntimeError:
+            continue
+        return [(k, v) for k in names if (v := env.get(k)) is not None]
+    return []
 
 
 def has_uri_password(text: str | None) -> bool:

@@ -206,3 +206,27 @@ def test_log_redaction_masks_messages_arguments_and_tracebacks(monkeypatch):
     text = stream.getvalue()
     assert "MLflow at http://u:***@h:5000 failed" in text and "***AWS_SECRET_ACCESS_KEY refused" in text
     assert "leak-db-password-XYZ" not in text and "sonosynth-leak-secret-abc123" not in text
+
+
+def test_secret_values_survive_a_variable_removed_while_they_read():
+    from collections.abc import Mapping
+
+    class Vanishing(Mapping):
+        """An environment whose MLflow telemetry variable is removed between listing and reading."""
+
+        data = {"_MLFLOW_TELEMETRY_SESSION_ID": "x", "MY_API_TOKEN": "tok-0123456789"}
+
+        def __iter__(self):
+            return iter(list(self.data))
+
+        def __len__(self):
+            return len(self.data)
+
+        def __getitem__(self, name):
+            if name.startswith("_MLFLOW"):
+                raise KeyError(name)
+            return self.data[name]
+
+    with pytest.raises(KeyError):
+        dict(Vanishing())  # what a plain copy of the environment did
+    assert secret_values(Vanishing()) == {"tok-0123456789": "MY_API_TOKEN"}
