@@ -196,6 +196,6 @@ numeric axis with interval bands. --parallel N runs N at once as Ray tasks on th
 Examples:
 
 \b
-    sonosynth sweep value_tiny                      # CPU, under 30 minutes on 2 cores
+    sonosynth sweep value_tiny       # CPU: under 30 minutes on 2 cores
     sonosynth sweep sam_paper_a_sweep --parallel auto --address auto
 """
