@@ -28,7 +28,6 @@ the same dtype, so the numbers do not depend on where the rows are kept.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import socket
@@ -42,6 +41,7 @@ import numpy as np
 import torch
 from pydantic import field_validator
 
+from sonosynth.datasets.shards import plan_hash
 from sonosynth.infra.config import Config
 from sonosynth.trainers.task import WorkerContext, encode_once
 
@@ -83,11 +83,6 @@ class EmbeddingCacheConfig(Config):
             return Path(self.dir).expanduser().absolute()
         base = os.environ.get("SONOSYNTH_CACHE_DIR")
         return Path(base) / "embeddings" if base else Path.home() / ".cache" / "sonosynth" / "embeddings"
-
-
-def digest(obj: Any) -> str:
-    """sha256 (hex) of a JSON-able value, key order ignored."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
 @dataclass
@@ -229,11 +224,11 @@ def _plan(cfg: EmbeddingCacheConfig, key: dict[str, Any], identities: list[str],
     if len(identities) != n:
         raise ValueError(f"{len(identities)} identities for {n} examples")
     full_key = {**key, "dtype": cfg.dtype, "shape": list(shape), "store_version": STORE_VERSION}
-    folder = cfg.root() / digest(full_key)[:24]
+    folder = cfg.root() / plan_hash(full_key)[:24]
     folder.mkdir(parents=True, exist_ok=True)
     if not (folder / "store.json").is_file():
         _write_atomic(folder / "store.json", full_key)
-    ids = [digest(i)[:32] for i in identities]
+    ids = [plan_hash(i)[:32] for i in identities]
     wanted, where, files = set(ids), {}, []
     row_bytes = int(np.prod(shape)) * np.dtype(cfg.dtype).itemsize
     for index in sorted(folder.glob(f"*{INDEX_SUFFIX}")):
