@@ -27,6 +27,7 @@ never the token).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -42,6 +43,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from sonosynth.infra.storage import BOTO_RETRY_DEFAULTS
+
+log = logging.getLogger(__name__)
 
 STATE_FILE = "stack.json"
 ENV_FILE = "env.sh"
@@ -292,6 +295,10 @@ def _spawn_ray_head(state: dict[str, Any], num_cpus: int | None) -> None:
            url=f"http://127.0.0.1:{dash_port}")
 
 
+WORKER_START_ATTEMPTS = 2
+"""How many times a worker node is started before add_worker_node gives up."""
+
+
 def add_worker_node(folder: str | Path, num_cpus: int = 1, timeout_s: float = 120.0) -> str:
     """Join one more Ray node (``ray start --address``) to the stack's head; returns its name."""
     state = load_state(folder)
@@ -299,13 +306,24 @@ def add_worker_node(folder: str | Path, num_cpus: int = 1, timeout_s: float = 12
         raise StackError(f"no stack with a Ray head in {folder}; run `sonosynth stack up --dir {folder}` first")
     n = 1 + sum(1 for k in state["services"] if k.startswith("ray-worker"))
     name = f"ray-worker-{n}"
-    port = free_port()  # its raylet's port tells it apart from a lost node not yet declared dead
-    args = [executable("ray"), "start", "--address", state["services"]["ray-head"]["gcs"], "--block",
-            "--disable-usage-stats", "--node-ip-address", "127.0.0.1", "--num-cpus", str(num_cpus),
-            "--node-manager-port", str(port), "--dashboard-agent-listen-port", str(free_port())]
-    _spawn(state, name, args, _ray_env(state), num_cpus=num_cpus)
-    _wait_until(state, name, lambda: any(int(r.get("nodeManagerPort", 0)) == port for r in _alive_raylets(state)),
-                timeout_s)
+    for attempt in range(WORKER_START_ATTEMPTS):
+        port = free_port()  # its raylet's port tells it apart from a lost node not yet declared dead
+        args = [executable("ray"), "start", "--address", state["services"]["ray-head"]["gcs"], "--block",
+                "--disable-usage-stats", "--node-ip-address", "127.0.0.1", "--num-cpus", str(num_cpus),
+                "--node-manager-port", str(port), "--dashboard-agent-listen-port", str(free_port())]
+        entry = _spawn(state, name, args, _ray_env(state), num_cpus=num_cpus)
+        try:
+            _wait_until(state, name,
+                        lambda port=port: any(int(r.get("nodeManagerPort", 0)) == port for r in _alive_raylets(state)),
+                        timeout_s)
+            return name
+        except StackError:
+            # `ray start` gives up when its raylet does not register within Ray's own wait (seen on a loaded
+            # 2-core machine, once in a suite); a fresh start with fresh ports then joins
+            _signal_group(entry["pid"], state["id"], signal.SIGKILL)
+            if attempt + 1 == WORKER_START_ATTEMPTS:
+                raise
+            log.warning("%s did not join the head; starting it again", name)
     return name
 
 
