@@ -7,9 +7,12 @@ those decisions to the child's own fields (only those its config class has) and 
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 from sonosynth.infra.config import Config, build
+from sonosynth.infra.tracking import TrackingConfig
 
 
 def child_config(config_class: type[Config], data: dict[str, Any], *, source: str, out: str | None = None,
@@ -29,3 +32,17 @@ def child_config(config_class: type[Config], data: dict[str, Any], *, source: st
         if "engine" in fields:
             data["engine"] = {**(data.get("engine") or {}), "progress": False}
     return build(config_class, data, source)
+
+
+def parent_root(out: str) -> str:
+    """A parent's ``out`` without a trailing slash; a local folder made absolute (Ray workers and tasks
+    run in other folders)."""
+    return out.rstrip("/") if "://" in out else str(Path(out).expanduser().resolve())
+
+
+def parent_store(tracking: TrackingConfig, out: str) -> str:
+    """The MLflow store a parent and its children write to: tracking.uri, $MLFLOW_TRACKING_URI, else
+    OUT/mlflow.db for a local OUT."""
+    if tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or "://" in out:
+        return tracking.resolved_uri()
+    return f"sqlite:///{Path(parent_root(out)) / 'mlflow.db'}"

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import logging
-import os
 import re
-from pathlib import Path
 from typing import Any, Iterable
 
 from pydantic import model_validator
@@ -15,6 +13,7 @@ from sonosynth.infra.stage import StageFailed
 from sonosynth.infra.storage import StorageConfig
 from sonosynth.infra.tracking import TrackingConfig
 
+from sonosynth.launch.pipeline.child import parent_root, parent_store
 from sonosynth.launch.pipeline.expressions import BUILTINS, _refs
 
 log = logging.getLogger(__name__)
@@ -132,13 +131,11 @@ class PipelineConfig(Config):
 
     def root(self) -> str:
         """``out`` without a trailing slash; a local folder made absolute (Ray workers run elsewhere)."""
-        return self.out.rstrip("/") if "://" in self.out else str(Path(self.out).expanduser().resolve())
+        return parent_root(self.out)
 
     def tracking_uri(self) -> str:
         """The store every stage writes to: tracking.uri, $MLFLOW_TRACKING_URI, else OUT/mlflow.db."""
-        if self.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or "://" in self.out:
-            return self.tracking.resolved_uri()
-        return f"sqlite:///{(Path(self.out) / 'mlflow.db').resolve()}"
+        return parent_store(self.tracking, self.out)
 
 
 def resolve_pipeline(recipe: str, flags: dict[str, Any], overrides: Iterable[str]) -> PipelineConfig:

@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 from sonosynth.infra.secrets import redact_obj
 from sonosynth.infra.stage import Report, StageFailed
 from sonosynth.infra.storage import open_storage
+from sonosynth.launch.pipeline.child import parent_root, parent_store
 from sonosynth.launch.sweep.cells import prepare_dir, run_one, with_prepared
 from sonosynth.launch.sweep.config import SweepConfig
 from sonosynth.launch.sweep.results import write_results
@@ -28,12 +27,9 @@ log = logging.getLogger(__name__)
 
 def resolved(cfg: SweepConfig) -> SweepConfig:
     """``cfg`` with a local ``out`` made absolute (Ray tasks run in other folders) and the tracking
-    store fixed: tracking.uri, else $MLFLOW_TRACKING_URI, else OUT/mlflow.db for a local OUT."""
-    local = "://" not in cfg.out
-    out = str(Path(cfg.out).resolve()) if local else cfg.out.rstrip("/")
-    uri = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or (f"sqlite:///{out}/mlflow.db" if local
-                                                                         else None)
-    tracking = cfg.tracking.model_copy(update={"uri": uri}) if uri else cfg.tracking
+    store fixed as the pipeline's: tracking.uri, else $MLFLOW_TRACKING_URI, else OUT/mlflow.db."""
+    out = parent_root(cfg.out)
+    tracking = cfg.tracking.model_copy(update={"uri": parent_store(cfg.tracking, out)})
     return cfg.model_copy(update={"out": out, "tracking": tracking})
 
 
