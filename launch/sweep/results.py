@@ -102,22 +102,27 @@ def write_results(cfg: SweepConfig, rows: list[dict[str, Any]], storage: Storage
              "results.csv": intervals_csv(cells)}
     if diffs:
         files["differences.csv"] = intervals_csv(diffs)
-    plot = _plot(cfg, cells, metrics, reference, storage)
-    files["results.md"] = results_markdown(cfg, cells, diffs, reference, plot)
-    for name, text in files.items():
-        storage.put_text(name, text)
+    with tempfile.TemporaryDirectory(prefix="sweep-plot-") as tmp:
+        png = _plot(cfg, cells, metrics, reference, Path(tmp))
+        plot = png.name if png else None
+        if png:
+            storage.put_file(png.name, png)
+        files["results.md"] = results_markdown(cfg, cells, diffs, reference, plot)
+        for name, text in files.items():
+            storage.put_text(name, text)
+        tracking = _log_to_mlflow(cfg, files, png)
     outputs = {"table": f"{out}/results.md", "csv": f"{out}/results.csv", "runs": f"{out}/runs.csv"}
     if diffs:
         outputs["differences"] = f"{out}/differences.csv"
     if plot:
         outputs["plot"] = f"{out}/{plot}"
-    tracking = _log_to_mlflow(cfg, files, storage.get_bytes(plot) if plot else None, plot)
     text = intervals_markdown(cells) + (("\n" + intervals_markdown(diffs)) if diffs else "")
     return Written(text=text, figures={"metrics": metrics}, outputs=outputs, tracking=tracking)
 
 
 def _plot(cfg: SweepConfig, cells: list[dict], metrics: list[str], reference: Interval | None,
-          storage: Storage) -> str | None:
+          folder: Path) -> Path | None:
+    """The first metric against the plot axis, as a PNG in ``folder`` (None: no numeric axis or metric)."""
     x = cfg.x_axis
     if not x or not metrics or not cells:
         return None
@@ -127,15 +132,11 @@ def _plot(cfg: SweepConfig, cells: list[dict], metrics: list[str], reference: In
     ref = None
     if reference is not None and reference.mean is not None:
         ref = {"label": cfg.reference_metric, "value": reference.mean, "lo": reference.lo, "hi": reference.hi}
-    with tempfile.TemporaryDirectory(prefix="sweep-plot-") as tmp:
-        path = plot_metric_vs_axis(cells, x, metrics[0], Path(tmp) / name, reference=ref,
-                                   title=f"{cfg.stage} sweep: {metrics[0]} against {x}")
-        storage.put_file(name, path)
-    return name
+    return plot_metric_vs_axis(cells, x, metrics[0], folder / name, reference=ref,
+                               title=f"{cfg.stage} sweep: {metrics[0]} against {x}")
 
 
-def _log_to_mlflow(cfg: SweepConfig, files: dict[str, str], png: bytes | None, png_name: str | None
-                   ) -> dict[str, Any]:
+def _log_to_mlflow(cfg: SweepConfig, files: dict[str, str], png: Path | None) -> dict[str, Any]:
     """The tables and plot as artifacts of this sweep's one MLflow run (found again by its output)."""
     from sonosynth.infra.tracking import Tracker
 
@@ -146,9 +147,7 @@ def _log_to_mlflow(cfg: SweepConfig, files: dict[str, str], png: bytes | None, p
     for name, text in files.items():
         tracker.log_text(text, name)
     if png is not None:
-        with tempfile.TemporaryDirectory(prefix="sweep-plot-") as tmp:
-            (Path(tmp) / png_name).write_bytes(png)
-            tracker.log_artifact(Path(tmp) / png_name)
+        tracker.log_artifact(png)
     tracker.close()
     return {"uri": tracker.uri, "run_id": tracker.run_id} if tracker.run_id else {}
 
