@@ -16,12 +16,21 @@ appended to the registered model's ``sonosynth.champion_history`` tag and the ch
 replaced keeps the alias ``previous_champion``, so ``sonosynth champion rollback NAME``
 restores it (``sonosynth.infra.model_registry.Registry``).
 
+A new champion's lineage follows it: the LoRA version that drew the synthetic data it was
+trained on becomes the LoRA's champion too, recorded on both versions, and rolling the model
+back rolls that LoRA back (``champions.py``; the trail through lineage.json, the synthetic set's
+config and the LoRA's summary.json is ``lineage.py``).
+
 ``decision.py`` is the pure decision (rules, comparison, combining datasets, the text);
 ``stage.py`` the stage that scores both versions with an evaluation stage and records it.
 """
 
+from sonosynth.launch.promote.champions import champion_lineage, crown_lineage, rollback_lineage
 from sonosynth.launch.promote.decision import Decision, PromoteRules, combine, compare, render
 from sonosynth.launch.promote.stage import PromoteConfig, PromoteEvaluationConfig, promote_candidate, run, stage_scorer
 
-__all__ = ["Decision", "PromoteConfig", "PromoteEvaluationConfig", "PromoteRules", "combine", "compare",
-           "promote_candidate", "render", "run", "stage_scorer"]
+from sonosynth.launch.promote.lineage import Lineage, trace
+
+__all__ = ["Decision", "Lineage", "PromoteConfig", "PromoteEvaluationConfig", "PromoteRules", "champion_lineage",
+           "combine", "compare", "crown_lineage", "promote_candidate", "render", "rollback_lineage", "run",
+           "stage_scorer", "trace"]

@@ -53,6 +53,8 @@ class Decision(AliasChange):
     challenger: Figures = field(default_factory=dict)
     champion: Figures = field(default_factory=dict)
     checks: list[dict[str, Any]] = field(default_factory=list)
+    lineage: dict[str, Any] = field(default_factory=dict)
+    """What the promotion did to the LoRA it was trained from (``champions.LineageChange.to_dict``)."""
 
     @property
     def promoted(self) -> bool:
@@ -151,6 +153,8 @@ def render(d: Decision) -> str:
         if c.get("gain") is not None:
             lines.append(f"  {'ok  ' if c['ok'] else 'FAIL'} {c['check']}: challenger {c['challenger']:.4f}, "
                          f"champion {c['champion']:.4f} ({c['rule']})")
+    if d.lineage.get("text"):
+        lines.append(f"  lineage: {d.lineage['text']}")
     return "\n".join(lines)
 
 

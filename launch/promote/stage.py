@@ -17,6 +17,7 @@ from sonosynth.infra.stage import Report, StageFailed
 from sonosynth.infra.storage import StorageConfig, open_storage
 from sonosynth.infra.tracking import Tracker, TrackingConfig
 from sonosynth.launch.pipeline.child import child_config
+from sonosynth.launch.promote.champions import crown_lineage
 from sonosynth.launch.promote.decision import Decision, Figures, PromoteRules, combine, compare, render
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,9 @@ class PromoteConfig(Config):
     """Retries and endpoint of the output storage."""
     progress: bool = True
     """Show the evaluations' progress bars."""
+    lineage: bool = True
+    """When a version becomes champion, also make the LoRA that drew its synthetic training data the
+    LoRA's champion (``launch/promote/champions.py``); false: only this model's aliases move."""
 
     @model_validator(mode="before")
     @classmethod
@@ -77,12 +81,15 @@ class PromoteConfig(Config):
 
 
 def promote_candidate(registry: Registry, name: str, version: str, score: Callable[[str, str], Figures],
-                      rules: PromoteRules, *, run_id: str | None = None) -> Decision:
+                      rules: PromoteRules, *, run_id: str | None = None, lineage: bool = True,
+                      storage: StorageConfig | None = None) -> Decision:
     """Give ``version`` the challenger alias and make it champion if it beats the champion.
 
     ``score(role, version)`` evaluates one version on the fixed evaluation set (role is
     'challenger' or 'champion'). The first version of a model becomes champion (it is still
-    scored, so its figures are recorded). The decision is written as tags on the version."""
+    scored, so its figures are recorded). The decision is written as tags on the version. With
+    ``lineage``, a new champion's LoRA becomes the LoRA's champion (``champions.crown_lineage``;
+    ``storage`` reads its training datasets)."""
     version = str(version)
     registry.check_version(name, version)
     registry.client.set_registered_model_alias(name, CHALLENGER, version)
@@ -107,6 +114,8 @@ def promote_candidate(registry: Registry, name: str, version: str, score: Callab
             registry.crown(name, version, before)
     registry.tag_version(name, version, d.tags(run_id))
     log.info("%s version %s: %s", name, version, d.reason)
+    if lineage and d.promoted:
+        d.lineage = crown_lineage(registry, d, storage).to_dict()
     return d
 
 
@@ -164,7 +173,8 @@ def run(cfg: PromoteConfig, score: Callable[[str, str], Figures] | None = None) 
     try:
         version = cfg.version or registry.latest(cfg.model)
         scorer = score or stage_scorer(cfg, tracker.run_id)
-        d = promote_candidate(registry, cfg.model, version, scorer, cfg.rules, run_id=tracker.run_id)
+        d = promote_candidate(registry, cfg.model, version, scorer, cfg.rules, run_id=tracker.run_id,
+                              lineage=cfg.lineage, storage=cfg.storage)
     except BaseException:
         tracker.close("FAILED")
         raise
@@ -172,7 +182,8 @@ def run(cfg: PromoteConfig, score: Callable[[str, str], Figures] | None = None) 
     open_storage(cfg.out, cfg.storage).put_text("decision.json", text)
     tracker.log_params({**cfg.flat(), "version": version})
     tracker.log_tags({"sonosynth.decision": d.decision, "sonosynth.reason": d.reason[:4900],
-                      "sonosynth.model_version": version, "sonosynth.champion": d.champion_after or ""})
+                      "sonosynth.model_version": version, "sonosynth.champion": d.champion_after or "",
+                      **({"sonosynth.lineage": d.lineage["text"][:4900]} if d.lineage else {})})
     metrics = {}
     for role, figures in (("challenger", d.challenger), ("champion", d.champion)):
         metrics.update({f"{role}/{k}": v for k, v in (figures.get("overall") or {}).items() if v is not None})

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from sonosynth.infra.model_registry import Registry
+
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 TINY = ["real.cohort.phantom.num=48", "hc18.splits.test=0.15", "lora.engine.max_steps=40",
@@ -90,6 +92,9 @@ def test_a_killed_pipeline_resumes_and_skips_the_finished_stages(demo):
     assert rows["lora"]["model_version"] == "sonosynth-lora v1"
     assert rows["promote"]["status"] == "ran"
     assert rows["sam_synthetic"]["model_version"] == "sonosynth-sam v1"
+    # its LoRA followed it: generate --lora models:/sonosynth-lora@champion resolves, naming the promotion
+    assert Registry(uri).client.get_model_version_by_alias("sonosynth-lora", "champion").tags[
+        "sonosynth.promoted_with"] == "sonosynth-sam/1"
 
 
 def test_the_demo_leaves_a_self_contained_report_and_says_where_it_is(demo, read_report):
