@@ -18,7 +18,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pydantic import field_validator
-from tqdm import tqdm
 
 from sonosynth.datasets.cohorts import Cohort, CohortConfig, InputError, SourceRecord, make_cohort
 from sonosynth.datasets.cohorts.base import DUPLICATE_KEY
@@ -31,6 +30,7 @@ from sonosynth.datasets.shards import (
 from sonosynth.datasets.splits import SplitConfig, assign_splits, patient_of
 from sonosynth.infra.config import Config
 from sonosynth.infra.jobdir import claim_output
+from sonosynth.infra.progress import Progress
 from sonosynth.infra.stage import Report
 from sonosynth.infra.storage import StorageConfig, open_storage
 
@@ -240,8 +240,8 @@ def run_ingest(cfg: IngestConfig, progress: bool | None = None) -> IngestReport:
     results: list[ShardRecord] = list(finished.values())
     report.reused_shards = len(finished)
 
-    bar = tqdm(total=len(good), desc=f"ingest {cohort.name}", unit="img", disable=not progress,
-               initial=sum(len(t.records) for t in tasks) - sum(len(t.records) for t in todo))
+    bar = Progress(len(good), f"ingest {cohort.name}", "img", enabled=progress,
+                   initial=sum(len(t.records) for t in tasks) - sum(len(t.records) for t in todo))
     try:
         if cfg.workers > 1 and len(todo) > 1:
             with ProcessPoolExecutor(max_workers=cfg.workers) as pool:

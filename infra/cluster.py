@@ -40,10 +40,15 @@ def connect(cfg: RayConfig, env_vars: dict[str, str] | None = None) -> str:
     """Join or start Ray once per process; returns a short description for the log."""
     import ray
 
+    from sonosynth.infra import console
+
     if ray.is_initialized():
         return "the Ray this process already joined"
+    console.route_ray_output()
+    console.tame_libraries()
     address = cfg.address or os.environ.get("RAY_ADDRESS")
-    kwargs = dict(include_dashboard=False, log_to_driver=True, logging_level=logging.WARNING,
+    # log_to_driver: the workers' output comes here, and console.route_ray_output files it
+    kwargs = dict(include_dashboard=False, log_to_driver=True, configure_logging=False,
                   runtime_env={"env_vars": {**WORKER_ENV, **(env_vars or {})},
                                "worker_process_setup_hook": "sonosynth.infra.cluster.quiet_workers"})
     if address:

@@ -114,25 +114,38 @@ def _ray_context(storage: Storage) -> WorkerContext:
                          ray.train.torch.get_device(), storage)
 
 
-def _progress(ctx: WorkerContext, enabled: bool, total: int, start: int, desc: str):
+def _progress(ctx: WorkerContext, enabled: bool, total: int, start: int, desc: str, counter: Any = None):
+    """Rank 0's steps: to the driver's bar through ``counter`` (``infra/progress``), or, for a job
+    run in this process without Ray, to a bar here."""
     if not (enabled and ctx.is_main):
         return None
-    from ray.experimental.tqdm_ray import tqdm
+    from sonosynth.infra.progress import Progress, StepReporter
 
-    bar = tqdm(total=total, desc=desc, unit="step")
-    bar.update(start)
-    return bar
+    if counter is not None:
+        return StepReporter(counter, total, start)
+    return Progress(total, desc, "step", initial=start)
+
+
+def use_current_all_gather() -> None:
+    """DeepSpeed 0.19 gathers ZeRO partitions with ``torch.distributed.all_gather_into_tensor``, which
+    torch 2.13 deprecates (a FutureWarning on every rank of every job) for ``all_gather_single``: the
+    same arguments and result. Hand DeepSpeed's torch backend the current name before it is built."""
+    import torch.distributed as dist
+    from deepspeed.comm.torch import TorchBackend
+
+    if hasattr(dist, "all_gather_single"):
+        TorchBackend.get_all_gather_function = classmethod(lambda cls: dist.all_gather_single)
 
 
 def train_worker(config: dict[str, Any]) -> None:
-    """Ray Train's per-worker entry point; ``config = {"job": tasks.pack_job(cfg)}``."""
+    """Ray Train's per-worker entry point; ``config = {"job": tasks.pack_job(cfg), "progress": counter}``."""
     from sonosynth.trainers.tasks import unpack_job
 
     cfg, task_cls = unpack_job(config["job"])
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         torch.set_num_threads(cfg.engine.cpus_per_worker)
-    run(cfg, task_cls, _ray_context(open_storage(cfg.out, cfg.storage)))
+    run(cfg, task_cls, _ray_context(open_storage(cfg.out, cfg.storage)), counter=config.get("progress"))
 
 
 def task_datasets(cfg, task: TrainTask) -> tuple[Dataset, Dataset | None]:
@@ -152,10 +165,12 @@ def task_datasets(cfg, task: TrainTask) -> tuple[Dataset, Dataset | None]:
     return train_set, eval_set
 
 
-def run(cfg, task_cls: type[TrainTask], ctx: WorkerContext) -> None:
-    """Train ``task_cls`` on this rank (the process group is up); rank 0 writes summary.json."""
+def run(cfg, task_cls: type[TrainTask], ctx: WorkerContext, counter: Any = None) -> None:
+    """Train ``task_cls`` on this rank (the process group is up); rank 0 writes summary.json and
+    reports its steps to ``counter`` (the driver's progress bar) when given."""
     import deepspeed
 
+    use_current_all_gather()
     from sonosynth.trainers.config import ds_config
     from sonosynth.trainers.optim import build_optimizer
 
@@ -193,7 +208,7 @@ def run(cfg, task_cls: type[TrainTask], ctx: WorkerContext) -> None:
                                                               rank=ctx.rank, world=ctx.world,
                                                               micro_batch=e.micro_batch, grad_accum=e.grad_accum),
                                        task.collate, workers=e.loader_workers, prefetch=e.prefetch, pin=on_gpu)
-        job.bar = _progress(ctx, e.progress, total, start, type(task).__name__)
+        job.bar = _progress(ctx, e.progress, total, start, cfg.stage_name(), counter)
         perf = run_steps(job, start)
     except BaseException:
         if ctx.is_main:
@@ -311,6 +326,8 @@ def run_steps(job: Job, start: int) -> dict[str, Any]:
                 if state.loss_first is None:
                     state.loss_first = logged["train/loss"]
                 state.loss_last = logged["train/loss"]
+                if job.bar is not None:
+                    job.bar.set_postfix(loss=f"{state.loss_last:.3g}")
             if step_warm == start and done < job.total:
                 t_warm, step_warm = now, done  # throughput is measured after the first window
             t_last, step_last = now, done

@@ -24,13 +24,11 @@ class TrainingError(StageFailed):
 
 def train(cfg: TrainStageConfig) -> dict[str, Any]:
     """Run (or resume) the training job described by ``cfg``; returns its summary.json."""
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
-
     from sonosynth.infra.cluster import cluster_gpus, connect
     from sonosynth.infra.jobdir import claim_output
+    from sonosynth.infra.progress import remote_progress
     from sonosynth.infra.storage import open_storage
-    from sonosynth.trainers.engine import SUMMARY, train_worker
+    from sonosynth.trainers.engine import SUMMARY
     from sonosynth.trainers.tasks import pack_job
 
     storage = open_storage(cfg.out, cfg.storage)
@@ -47,9 +45,20 @@ def train(cfg: TrainStageConfig) -> dict[str, Any]:
                            f"{gpus}; lower engine.workers or use engine.device=auto")
     use_gpu = cfg.engine.device == "gpu" or (cfg.engine.device == "auto" and gpus >= cfg.engine.workers)
     resources = {"CPU": cfg.engine.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
+    with remote_progress(cfg.stage_name(), "step", enabled=cfg.engine.progress) as counter:
+        _fit(cfg, job, counter, use_gpu, resources)
+    return json.loads(storage.get_text(SUMMARY))
+
+
+def _fit(cfg: TrainStageConfig, job: dict[str, Any], counter: Any, use_gpu: bool, resources: dict[str, Any]) -> None:
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from sonosynth.trainers.engine import train_worker
+
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"job": job},
+        train_loop_config={"job": job, "progress": counter},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.engine.workers, use_gpu=use_gpu,
                                                resources_per_worker=resources),
@@ -61,4 +70,3 @@ def train(cfg: TrainStageConfig) -> dict[str, Any]:
         trainer.fit()
     except ray.train.TrainingFailedError as err:
         raise TrainingError(f"training failed: {err}") from err
-    return json.loads(storage.get_text(SUMMARY))

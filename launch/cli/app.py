@@ -11,13 +11,14 @@ other verbs are written by hand: ``inspect``, ``config`` and ``tracking-replay``
 from __future__ import annotations
 
 import json
-import logging
 import sys
 from typing import Annotated, Optional
 
 import typer
 
+from sonosynth.infra.console import set_verbose
 from sonosynth.launch.cli.exits import EXIT_CODES, exit_status, failure, set_debug
+from sonosynth.launch.cli.stage_verbs import VERBOSE_HELP
 from sonosynth.launch.stages import PIPELINE, STAGES
 
 app = typer.Typer(
@@ -36,8 +37,11 @@ app = typer.Typer(
 
 @app.callback()
 def _options(debug: Annotated[bool, typer.Option(
-        "--debug", help="On a bug, print the traceback instead of writing it to a log file.")] = False) -> None:
+        "--debug", help="On a bug, print the traceback instead of writing it to a log file.")] = False,
+             verbose: Annotated[bool, typer.Option("--verbose", help=VERBOSE_HELP)] = False) -> None:
     set_debug(debug)
+    if verbose:
+        set_verbose(True)
 
 
 @app.command()
@@ -141,7 +145,9 @@ def main() -> None:
     from sonosynth.infra.secrets import install_log_redaction
     from sonosynth.infra.storage import default_boto_retries
 
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from sonosynth.infra.console import configure
+
+    configure()
     install_log_redaction()
     default_boto_retries()
     with exit_status():  # a bug in any verb: one line, and its traceback kept

@@ -15,11 +15,14 @@ from typing import Annotated, Any, Callable, Optional
 import typer
 
 from sonosynth.infra.config import set_dotted
+from sonosynth.infra.console import set_verbose
 from sonosynth.infra.stage import Report
 from sonosynth.launch.cli.exits import exit_status, failure, set_debug
 from sonosynth.launch.stages import STAGES, Flag, Stage
 
 DEBUG_HELP = "On a bug, print the traceback instead of writing it to a log file."
+VERBOSE_HELP = ("Also print Ray's, DeepSpeed's and the workers' output, which otherwise goes to the log "
+                "files named at the end (OUT/logs/).")
 
 
 def flag_values(stage: Stage, values: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
@@ -42,12 +45,23 @@ def flag_values(stage: Stage, values: dict[str, Any]) -> tuple[dict[str, Any], l
     return tree, nulls
 
 
+def log_folder(cfg: Any) -> str:
+    """Where a stage's libraries and workers log: OUT/logs (a pipeline's sections: OUT/SECTION/logs)."""
+    out = cfg.root() if callable(getattr(cfg, "root", None)) else str(cfg.out)
+    return f"{out.rstrip('/')}/logs"
+
+
 def run_stage(stage: Stage, recipe: str | None, flags: dict[str, Any], overrides: list[str]) -> Report:
     """Resolve the stage's config, run it and print its report; exit 2 or 1 on errors."""
+    from sonosynth.infra.console import logs_to
+
     with exit_status():
         cfg = stage.resolve(recipe, flags, overrides)
-        report = stage.run(cfg)
+        with logs_to(log_folder(cfg), getattr(cfg, "storage", None)) as logs:
+            report = stage.run(cfg)
     typer.echo(stage.render(report))
+    if logs.written:
+        typer.echo(f"logs: {logs.where}")
     if report.failed:
         failure(report.failed)
     return report
@@ -80,10 +94,13 @@ def stage_command(stage: Stage) -> Callable[..., None]:
     params.append(_param("overrides", Annotated[Optional[list[str]], typer.Option(
         "--set", metavar="KEY=VALUE", help=stage.set_help)], None))
     params.append(_param("debug", Annotated[bool, typer.Option("--debug", help=DEBUG_HELP)], False))
+    params.append(_param("verbose", Annotated[bool, typer.Option("--verbose", help=VERBOSE_HELP)], False))
 
     def command(**kwargs: Any) -> None:
         if kwargs.pop("debug"):
             set_debug(True)
+        if kwargs.pop("verbose"):
+            set_verbose(True)
         overrides = list(kwargs.pop("overrides") or [])
         recipe = kwargs.pop("recipe")
         flags, nulls = flag_values(stage, {names[k]: v for k, v in kwargs.items()})

@@ -167,9 +167,9 @@ def run_classification(cfg: Any, predict_proba: PredictProba | None = None,
     ds = ShardDataset(cfg.dataset, split=split, storage=storage_cfg)
     order = range(len(ds))
     if cfg.progress:
-        from tqdm import tqdm
+        from sonosynth.infra.progress import track
 
-        order = tqdm(order, total=len(ds), desc="evaluate", unit="image")
+        order = track(order, len(ds), "evaluate", "image")
     rows: list[dict[str, Any]] = []
     probs: list[np.ndarray] = []
     missing, no_label, unknown = [], 0, {}

@@ -203,9 +203,9 @@ def run(cfg: EvaluateConfig, predict_fn: PredictFn | None = None) -> Report:
     reader = DatasetReader(cfg.dataset, split=cfg.split, storage=cfg.storage, distributed=False)
     samples = reader.samples()
     if cfg.progress:
-        from tqdm import tqdm
+        from sonosynth.infra.progress import track
 
-        samples = tqdm(samples, total=len(reader), desc="evaluate", unit="image")
+        samples = track(samples, len(reader), "evaluate", "image")
     rows, missing, worst, no_mask = [], [], [], 0
     for sample in samples:
         if sample.mask is None:

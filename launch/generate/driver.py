@@ -216,10 +216,9 @@ def run_generate(cfg: GenerateConfig, progress: bool | None = None) -> dict[str,
     stats = {"images": 0, "sampling_s": 0.0, "accepted_now": 0, "first": None, "last": None}
     bar = None
     if progress and todo:
-        from tqdm import tqdm
+        from sonosynth.infra.progress import Progress
 
-        bar = tqdm(total=cfg.num_samples, initial=sum(r.num_samples for r in records.values()),
-                   desc=f"generate {plan.run_id}", unit="sample")
+        bar = Progress(cfg.num_samples, "generate", "sample", initial=sum(r.num_samples for r in records.values()))
     t_start = time.perf_counter()
 
     def on_done(result: dict[str, Any]) -> None:

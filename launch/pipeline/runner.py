@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 
 from sonosynth.infra.config import Config, ConfigError
+from sonosynth.infra.console import LogFolder, logs_to
 from sonosynth.infra.jobdir import offline_dir_for
 from sonosynth.infra.secrets import redact_uri
 from sonosynth.infra.lease import Lease
@@ -277,10 +278,11 @@ class Run(RunTracking, RunReport):
                 echo(f"{head}: running{without} -> {step.out}")
                 t0 = time.monotonic()
                 try:
-                    report = self.run_step(step)
+                    with logs_to(f"{self.root}/{step.section}/logs", self.cfg.storage) as logs:
+                        report = self.run_step(step)
                 except Exception as err:  # noqa: BLE001 - every failure is reported the same way
                     self.seconds[step.section] = time.monotonic() - t0
-                    self._fail(step, err)
+                    self._fail(step, err, logs)
                 self.seconds[step.section] = time.monotonic() - t0
                 self.reports[step.section] = asdict(report)
                 if report.figures.get("deferred"):
@@ -292,7 +294,8 @@ class Run(RunTracking, RunReport):
                      "inputs": self.inputs.get(step.section, {}), "seconds": self.seconds[step.section],
                      "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, indent=1, default=str))
                 self.status[step.section] = "ran"
-                echo("\n".join("    " + line for line in report.render().splitlines()))
+                rendered = report.render() + (f"\nlogs: {logs.where}" if logs.written else "")
+                echo("\n".join("    " + line for line in rendered.splitlines()))
                 echo(f"{head}: finished in {self.seconds[step.section]:.0f} s")
                 self.take_gate(step, head)
         except KeyboardInterrupt:
@@ -304,13 +307,14 @@ class Run(RunTracking, RunReport):
                 signal.signal(signal.SIGTERM, previous)
         return self._finish("FINISHED")
 
-    def _fail(self, step: Step, err: BaseException) -> None:
+    def _fail(self, step: Step, err: BaseException, logs: LogFolder) -> None:
         self.status[step.section] = "failed"
         for later in self.steps[step.index + 1:]:
             self.status.setdefault(later.section, "not run (an earlier stage failed)")
         first = _first_lines(err)
         done = sum(1 for s in self.status.values() if s in ("ran", "skipped (done)"))
-        self.failure = (f"stage {step.section} ({step.stage}) failed: {first}; fix that and re-run the same "
+        where = f" (its logs: {logs.where})" if logs.written else ""
+        self.failure = (f"stage {step.section} ({step.stage}) failed{where}: {first}; fix that and re-run the same "
                         f"command to resume ({done} finished stage{'s are' if done != 1 else ' is'} kept and skipped)")
         self.failure = self.failure.replace("\n", " ")
         log.debug("stage %s failed", step.section, exc_info=err)

@@ -55,9 +55,9 @@ def read_set(name: str, uri: str, keys: list[str], roles: dict[str, str], extrac
     reader = DatasetReader(uri, keys=keys, storage=storage, distributed=False)
     samples = reader.samples()
     if progress:
-        from tqdm import tqdm
+        from sonosynth.infra.progress import track
 
-        samples = tqdm(samples, total=len(reader), desc=f"quality {name}", unit="image")
+        samples = track(samples, len(reader), f"quality {name}", "image")
     batch_keys: list[str] = []
     batch: list[np.ndarray] = []
 

@@ -37,11 +37,12 @@ def joint_data(work, make_phantom_dataset) -> Path:
 
 @pytest.fixture(scope="module")
 def joint_run(work, joint_data, procs) -> tuple[Path, str, str]:
-    """One uninterrupted joint-mode job: 2 ranks, 40 steps, local SQLite MLflow store."""
+    """One uninterrupted joint-mode job: 2 ranks, 40 steps, local SQLite MLflow store: (out, uri, its console:
+    stdout and stderr, not a terminal)."""
     out, uri = work / "joint", f"sqlite:///{work / 'mlruns.db'}"
     proc = procs.cli(["train-lora", "lora_joint_tiny", "--out", str(out), "--dataset", str(joint_data),
                 "--set", f"tracking.uri={uri}", *STEPS], cwd=work)
-    return out, uri, proc.stdout
+    return out, uri, proc.stdout + proc.stderr
 
 
 def test_joint_mode_loss_falls_on_two_ranks(joint_run):
@@ -50,6 +51,23 @@ def test_joint_mode_loss_falls_on_two_ranks(joint_run):
     assert s["workers"] == 2 and s["steps"] == 40 and s["resumed_from_step"] == 0
     assert s["eval_end"]["eval/loss"] < s["eval_start"]["eval/loss"] - 0.01, s
     assert "eval/loss" in stdout and "registered: sonosynth-lora" in stdout
+
+
+def test_the_console_shows_sonosynth_lines_and_the_logs_folder_holds_the_rest(joint_run):
+    out, _, console = joint_run
+    for noise in ("RayTrainWorker", "TrainController", "FutureWarning", "core_worker", "DeepSpeed", "(pid=",
+                  "Token authentication", "\r", "\x1b["):
+        assert noise not in console, f"{noise!r} on the console:\n{console[-3000:]}"
+    assert f"logs: {out}/logs" in console
+    # the progress bar off a terminal: plain lines, the last one at the end of the job
+    assert "train-lora: 40/40 step (100%) in " in console
+    logs = {p.name: p.read_text() for p in (out / "logs").iterdir()}
+    assert "driver.log" in logs and "Token authentication" in logs["driver.log"]
+    workers = [text for name, text in logs.items() if name.startswith("RayTrainWorker-")]
+    assert len(workers) >= 1 and any("Setting up process group" in text for text in workers)
+    assert any(name.startswith("TrainController-") for name in logs)
+    # DeepSpeed's ZeRO gather uses the collective torch 2.13 keeps (engine.use_current_all_gather)
+    assert not any("FutureWarning" in text for text in logs.values())
 
 
 def test_rank0_alone_owns_one_mlflow_run(joint_run):

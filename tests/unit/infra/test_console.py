@@ -1,0 +1,72 @@
+"""The console keeps sonosynth's lines; libraries' logging goes to the stage's log folder (local or S3)."""
+
+from __future__ import annotations
+
+import logging
+
+from sonosynth.infra.console import DRIVER_LOG, configure, logs_to
+
+
+def test_library_logging_goes_to_the_folder_and_sonosynth_warnings_to_the_console(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("SONOSYNTH_VERBOSE", raising=False)
+    configure()
+    with logs_to(str(tmp_path / "logs")) as logs:
+        logging.getLogger("ray.train").warning("the controller says hello")
+        logging.getLogger("mlflow.store").info("creating tables")
+        logging.getLogger("sonosynth.launch.test").warning("a sonosynth warning")
+        logging.getLogger("sonosynth.launch.test").info("a sonosynth detail")
+    err = capsys.readouterr().err
+    assert "a sonosynth warning" in err
+    assert "hello" not in err and "creating tables" not in err and "a sonosynth detail" not in err
+    text = (tmp_path / "logs" / DRIVER_LOG).read_text()
+    for line in ("the controller says hello", "creating tables", "a sonosynth warning", "a sonosynth detail"):
+        assert line in text
+    assert logs.written == {DRIVER_LOG} and logs.where == str(tmp_path / "logs")
+
+
+def test_verbose_prints_the_libraries_too(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("SONOSYNTH_VERBOSE", "1")
+    configure()
+    with logs_to(str(tmp_path / "logs")):
+        logging.getLogger("ray.train").warning("the controller says hello")
+    assert "the controller says hello" in capsys.readouterr().err
+    assert "the controller says hello" in (tmp_path / "logs" / DRIVER_LOG).read_text()
+
+
+def test_a_stage_that_logs_nothing_leaves_no_folder(tmp_path):
+    configure()
+    with logs_to(str(tmp_path / "someone-elses" / "logs")) as logs:
+        pass
+    assert not logs.written and not (tmp_path / "someone-elses").exists()
+
+
+def test_an_inner_folder_takes_the_lines_while_it_is_open(tmp_path):
+    configure()
+    with logs_to(str(tmp_path / "pipeline")):
+        with logs_to(str(tmp_path / "section")):
+            logging.getLogger("ray").warning("in the section")
+        logging.getLogger("ray").warning("after the section")
+    assert "in the section" in (tmp_path / "section" / DRIVER_LOG).read_text()
+    outer = (tmp_path / "pipeline" / DRIVER_LOG).read_text()
+    assert "after the section" in outer and "in the section" not in outer
+
+
+def test_secrets_never_reach_the_log_files(tmp_path, monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t-value-123")
+    configure()
+    with logs_to(str(tmp_path / "logs")):
+        logging.getLogger("botocore").warning("signing with s3cr3t-value-123")
+    text = (tmp_path / "logs" / DRIVER_LOG).read_text()
+    assert "signing with" in text and "s3cr3t-value-123" not in text
+
+
+def test_an_s3_folder_is_uploaded_when_the_stage_ends(s3_bucket):
+    from sonosynth.infra.storage import open_storage
+
+    configure()
+    where = f"s3://{s3_bucket}/job/logs"
+    with logs_to(where) as logs:
+        logging.getLogger("deepspeed").warning("op built")
+        assert not open_storage(where).exists(DRIVER_LOG)  # written here first, uploaded at the end
+    assert logs.written == {DRIVER_LOG}
+    assert "op built" in open_storage(where).get_text(DRIVER_LOG)
