@@ -58,7 +58,12 @@ def run_stage(stage: Stage, recipe: str | None, flags: dict[str, Any], overrides
     with exit_status():
         cfg = stage.resolve(recipe, flags, overrides)
         with logs_to(log_folder(cfg), getattr(cfg, "storage", None)) as logs:
-            report = stage.run(cfg)
+            try:
+                report = stage.run(cfg)
+            except BaseException:
+                if logs.written:
+                    typer.echo(f"logs: {logs.where}", err=True)
+                raise
     typer.echo(stage.render(report))
     if logs.written:
         typer.echo(f"logs: {logs.where}")

@@ -52,8 +52,10 @@ from sonosynth.infra.secrets import (has_uri_password, is_secret_name, redact, r
                                      strip_uri_credentials)
 from sonosynth.infra.stage import UsageError
 
-DEFAULT_ENV = ("MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION")
-"""Copied into every job when set here (configuration, not secrets: a URI's password is stripped)."""
+DEFAULT_ENV = ("MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION",
+               "SONOSYNTH_VERBOSE", "SONOSYNTH_PROGRESS_INTERVAL_S")
+"""Copied into every job when set here (configuration, not secrets: a URI's password is stripped);
+``sonosynth --verbose submit ...`` gives the job the whole console too."""
 RECIPE_ENV = "SONOSYNTH_RECIPE_YAML"
 """A local recipe's resolved YAML, written back to a file by the job's entrypoint."""
 PACKAGE_ENV = "SONOSYNTH_PACKAGE"

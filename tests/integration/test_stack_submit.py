@@ -104,6 +104,19 @@ def test_train_lora_job_runs_from_the_shipped_wheel_not_the_repo(up, train_job):
     assert "trained 10 steps" in logs and "exit status 0" in proc.stderr
 
 
+def test_a_followed_job_shows_sonosynth_lines_and_its_logs_folder_holds_the_rest(up, train_job, monkeypatch):
+    from sonosynth.infra.storage import open_storage
+
+    proc, _ = train_job
+    for noise in ("RayTrainWorker", "TrainController", "FutureWarning", "core_worker", "(pid=", "\r", "\x1b["):
+        assert noise not in proc.stdout + proc.stderr, f"{noise!r} in submit --wait's output:\n{proc.stdout[-3000:]}"
+    assert "logs: s3://sonosynth/lora/joint/logs" in proc.stdout
+    assert "train-lora: 10/10 step (100%) in " in proc.stdout  # a plain progress line: not a terminal
+    use_stack_s3(up["env"], monkeypatch)
+    names = open_storage("s3://sonosynth/lora/joint/logs").list("")
+    assert "driver.log" in names and any(n.startswith("RayTrainWorker-") for n in names), names
+
+
 def use_stack_s3(env: dict, monkeypatch) -> None:
     for k, v in env.items():
         if k.startswith("AWS_"):

@@ -56,3 +56,38 @@ def test_the_pipeline_resolves_its_sections_with_its_own_rules(tmp_path):
     cfg = stage.resolve("demo", tree, ["lora.engine.max_steps=3"])
     assert cfg.from_stage == "lora" and cfg.tracking.uri == "sqlite:///x.db" and cfg.out == str(tmp_path)
     assert cfg.stages["lora"]["engine"]["max_steps"] == 3
+
+
+def _stage_that_logs(outcome: str):
+    """The evaluate stage's entry with a run that logs as Ray would, then delivers or fails."""
+    import dataclasses
+    import logging
+
+    from sonosynth.infra.stage import Report, StageFailed
+
+    real = STAGES["evaluate"]
+
+    def run(cfg):
+        logging.getLogger("ray.train").warning("Ray Train says hello")
+        if outcome == "fail":
+            raise StageFailed("the predictions are gone")
+        return Report(stage="evaluate", out=cfg.out, text="scored 3 images")
+
+    return dataclasses.replace(real, load=lambda: (real.config_class, run))
+
+
+def test_a_stage_verb_prints_its_logs_folder_and_keeps_libraries_off_the_console(tmp_path, monkeypatch):
+    import typer
+    from typer.testing import CliRunner
+
+    from sonosynth.launch.cli.stage_verbs import stage_command
+
+    monkeypatch.delenv("SONOSYNTH_VERBOSE", raising=False)
+    for outcome, code in (("deliver", 0), ("fail", 1)):
+        app = typer.Typer()
+        app.command("evaluate")(stage_command(_stage_that_logs(outcome)))
+        out = tmp_path / outcome
+        result = CliRunner().invoke(app, ["--dataset", "d", "--predictions", "p", "--out", str(out)])
+        assert result.exit_code == code, result.output
+        assert f"logs: {out}/logs" in result.output and "Ray Train says hello" not in result.output
+        assert "Ray Train says hello" in (out / "logs" / "driver.log").read_text()
