@@ -223,6 +223,13 @@ def run(cfg, task_cls: type[TrainTask], ctx: WorkerContext, counter: Any = None)
     ctx.barrier()
 
 
+def model_size(module: torch.nn.Module) -> dict[str, int]:
+    """The model's parameters, and those the job trained (ZeRO 1/2 partition no parameters: whole counts)."""
+    params = list(module.parameters())
+    return {"parameters": sum(p.numel() for p in params),
+            "trainable_parameters": sum(p.numel() for p in params if p.requires_grad)}
+
+
 def job_skipped(ctx: WorkerContext, opened: dict[str, int], now: dict[str, int]) -> dict[str, int]:
     """{reason: count} the job's readers skipped, from each rank's ``task.data_skipped()`` when its
     datasets were built (``opened``: every rank opens all the data, so the most any rank counted)
@@ -418,6 +425,7 @@ def _finish(job: Job, perf: dict[str, Any], skipped: dict[str, int]) -> None:
     summary = {
         "job": job_fingerprint(cfg), "task": cfg.task, "steps": job.total, "examples": job.examples,
         "eval_examples": state.eval_examples, "workers": ctx.world, "resumed_from_step": state.resumed_from_step,
+        **model_size(job.engine.module),
         "loss_first": state.loss_first, "loss_last": state.loss_last,
         "eval_start": state.eval_start, "eval_end": state.eval_last,
         "best": dict(best) if best else None,

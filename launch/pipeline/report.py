@@ -11,7 +11,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sonosynth.infra.secrets import redact_uri
+from sonosynth.launch.pipeline.report_dice import dice_section
+from sonosynth.launch.pipeline.report_links import Links, lineage_table, run_link
 from sonosynth.launch.pipeline.report_quality import quality_section, read_bytes
+from sonosynth.launch.pipeline.report_scale import scale_block
 from sonosynth.launch.pipeline.tables import html_cell, html_table
 from sonosynth.launch.pipeline.tables import to_csv as table_csv
 from sonosynth.launch.pipeline.tables import to_markdown as table_markdown
@@ -113,7 +116,7 @@ def _grid_sections(r: Run) -> list[str]:
     return [s.section for s in r.steps if s.stage == "generate"]
 
 
-def _grid_section(r: Run) -> str:
+def _grid_section(r: Run, links: Links) -> str:
     """Each synthetic pair grid (every generate section's, unless report.grid names them), inlined."""
     parts = []
     for i, name in enumerate(_grid_sections(r)):
@@ -128,40 +131,37 @@ def _grid_section(r: Run) -> str:
         element = "synthetic-grid" if i == 0 else f"synthetic-grid-{name}"
         parts.append(f'<img id="{element}" alt="synthetic image+mask pairs of {html.escape(name)}" '
                      f'src="data:image/png;base64,{base64.b64encode(data).decode()}"><p>{html.escape(note)} '
-                     f'({html.escape(grid)})</p>')
+                     f'({links.path(grid)})</p>')
     return "\n".join(parts) or "<p>No synthetic pair grid: no generate section has finished.</p>"
 
 
-def _dice_section(r: Run) -> str:
-    metric = r.cfg.report.metric
-    labels = {label: [s for s in sections if s in r.reports] for label, sections in r.cfg.report.compare.items()}
-    labels = {k: v for k, v in labels.items() if v}
-    if not labels:
-        return "<p>No comparison: the recipe's report.compare names no evaluate section that has finished.</p>"
-    cells: dict[str, dict[str, tuple[Any, Any, Any]]] = {}
-    for label, sections in labels.items():
-        for section in sections:
-            figures = r.reports[section].get("figures") or {}
-            for cohort, f in (figures.get("by_cohort") or {"all": figures}).items():
-                cells.setdefault(cohort, {})[label] = (f.get(metric), f.get(f"box_baseline_{metric}"),
-                                                       f.get("n_images"))
-    names = list(labels)
-    header = ["cohort", "images"] + [f"{metric}: {label}" for label in names]
-    if len(names) > 1:
-        header.append(f"change ({names[-1]} - {names[0]})")
-    header.append(f"box baseline {metric}")
-    rows = []
-    for cohort, by_label in sorted(cells.items()):
-        values = [by_label.get(label, (None, None, None))[0] for label in names]
-        row = [cohort, next((v[2] for v in by_label.values() if v[2] is not None), None), *values]
-        if len(names) > 1:
-            row.append(values[-1] - values[0] if values[-1] is not None and values[0] is not None else None)
-        row.append(next((v[1] for v in by_label.values() if v[1] is not None), None))
-        rows.append(row)
-    return html_table("dice-table", header, rows)
+def _promotion_lineage(d: dict[str, Any], links: Links) -> str:
+    """What the promotion did to the LoRA (and synthetic set) the promoted model was trained from."""
+    change = d.get("lineage") or {}
+    traced = change.get("lineage") or {}
+    if not d.get("promoted"):
+        text = html.escape(f"No LoRA champion moved: version {d.get('version')} was not promoted "
+                           f"({d.get('decision')}), so the LoRA champion stays the one behind the current champion.")
+    elif not change:
+        text = "The lineage was not followed (the promote section's lineage is off): no LoRA champion moved."
+    else:
+        sources = ", ".join(f"{html.escape(str(k))}={links.path(str(v))}"
+                            for k, v in (traced.get("sources") or {}).items()) or "unknown sources"
+        sets = []
+        for s in traced.get("synthetic") or []:
+            lora = f"{s['lora_model']} version {s['lora_version']}" if s.get("lora_model") else s.get("lora")
+            sets.append(f"{links.path(str(s.get('dataset')))} drawn with {html.escape(str(lora or 'no LoRA'))}")
+        text = (f"{html.escape(str(d.get('model')))} version {html.escape(str(d.get('version')))} was trained on "
+                f"{sources}{'; its synthetic data: ' + '; '.join(sets) if sets else ''}."
+                f"{' ' + html.escape(str(change['text'])) + '.' if change.get('text') else ''}")
+        moved = change.get("lora") or {}
+        if moved.get("champion_after"):
+            text += (f" <code>generate --lora models:/{html.escape(str(moved.get('model')))}@champion</code> now "
+                     f"draws with the LoRA behind the champion.")
+    return f'<p id="promotion-lineage">{text}</p>'
 
 
-def _promotion_section(r: Run) -> str:
+def _promotion_section(r: Run, links: Links) -> str:
     d = r.promotion()
     if not d:
         return "<p>No promotion: the recipe has no promote section, or it has not finished.</p>"
@@ -187,6 +187,7 @@ def _promotion_section(r: Run) -> str:
               f"champion (v{d.get('champion_before')})" if d.get("champion_before") else "champion (none)",
               "rule", "passes"]
     lines.append(html_table("promotion-table", header, rows))
+    lines.append(_promotion_lineage(d, links))
     return "\n".join(lines)
 
 
@@ -197,34 +198,38 @@ text-align:left;vertical-align:top}th{background:#f3f3f3}td{word-break:break-all
 
 
 def render_html(r: Run, rows: list[dict[str, Any]], status: str) -> str:
-    """report.html: self-contained (the grid is inlined), plain HTML, no scripts."""
+    """report.html: self-contained (every image inlined), plain HTML, no scripts; its links are relative
+    to OUT, where it is written."""
     title = html.escape(f"sonosynth pipeline {r.cfg.name or ''}")
-    run_id = r.parent.run_id if r.parent else None
-    lineage = html_table("lineage-table", list(COLUMNS), [[row[c] for c in COLUMNS] for row in rows])
+    links = Links(r)
+    parent = run_link(r.uri, r.parent.run_id) if r.parent and r.parent.run_id else "none"
     failure = f'<p class="FAILED">{html.escape(r.failure)}</p>' if r.failure else ""
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{title}</title><style>{STYLE}</style></head><body>
 <h1>{title}</h1>
 <p>Status: <b class="{status}" id="status">{status}</b>; output {html.escape(r.root)};
-MLflow run {html.escape(run_id or 'none')} at {html.escape(redact_uri(r.uri))};
+MLflow run {parent} at {html.escape(redact_uri(r.uri))};
 written {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}.</p>
 {failure}
+<h2 id="scale-heading">What ran, and what its figures can say</h2>
+{scale_block(r)}
 <h2 id="synthetic">Synthetic image+mask pairs</h2>
-{_grid_section(r)}
+{_grid_section(r, links)}
 <h2 id="quality">Synthetic data quality</h2>
 <p>Each figure of the synthetic set against real data beside the same figure of real data against
 held-out real data (the baseline at the same size), with bootstrap 95% intervals; the gate's decision
 and what the pipeline did about it.</p>
-{quality_section(r)}
+{quality_section(r, links)}
 <h2 id="dice">Dice before and after synthetic data</h2>
-{_dice_section(r)}
+{dice_section(r)}
 <h2 id="promotion">Promotion</h2>
-{_promotion_section(r)}
+{_promotion_section(r, links)}
 <h2 id="lineage">Lineage</h2>
 <p>One row per section: its key (a hash of its config, of its inputs' keys and, for an ingest,
-of its source listing: the source column), what it read and
-wrote, its MLflow run and the model version it registered.</p>
-{lineage}
+of its source listing: the source column), what it read and wrote (paths relative to this report's
+folder; files are links), the images, plots and summaries it wrote, its wall time, its MLflow run
+(open the store with the command under "Open in MLflow") and the model version it registered.</p>
+{lineage_table(r, rows, links)}
 <h2 id="open">Open in MLflow</h2>
 <pre>{html.escape(r.ui_command())}</pre>
 </body></html>

@@ -12,6 +12,7 @@ from sonosynth.infra.storage import open_storage
 from sonosynth.launch.pipeline.tables import html_cell, html_table
 
 if TYPE_CHECKING:
+    from sonosynth.launch.pipeline.report_links import Links
     from sonosynth.launch.pipeline.runner import Run
 
 FIGURES: tuple[tuple[str, str, tuple[str, ...], tuple[str, ...], tuple[str, ...]], ...] = (
@@ -36,13 +37,15 @@ def read_bytes(uri: str) -> bytes | None:
         return None
 
 
-def embedded_png(uri: str | None, element_id: str, alt: str) -> str:
-    """An <img> with the PNG inlined (the report is one self-contained file), or a note why not."""
+def embedded_png(uri: str | None, element_id: str, alt: str, links: Links | None = None) -> str:
+    """An <img> with the PNG inlined (the report is one self-contained file), or a note why not;
+    the caption links the file (relative to OUT) when ``links`` is given."""
     data = read_bytes(uri) if uri else None
     if not data:
         return f"<p>No {html.escape(alt)}{': ' + html.escape(uri) + ' is missing' if uri else ''}.</p>"
+    where = links.path(uri) if links is not None else html.escape(uri)
     return (f'<figure><img id="{element_id}" alt="{html.escape(alt)}" src="data:image/png;base64,'
-            f'{base64.b64encode(data).decode()}"><figcaption>{html.escape(alt)} ({html.escape(uri)})'
+            f'{base64.b64encode(data).decode()}"><figcaption>{html.escape(alt)} ({where})'
             f'</figcaption></figure>')
 
 
@@ -80,7 +83,7 @@ def figure_rows(figures: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
-def _table_of_text(table_id: str, header: list[str], rows: list[list[str]]) -> str:
+def table_of_text(table_id: str, header: list[str], rows: list[list[str]]) -> str:
     """Like html_table, for cells already escaped."""
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
@@ -97,7 +100,7 @@ def gate_effect(r: Run, section: str) -> str:
     return "; ".join(parts)
 
 
-def _one(r: Run, section: str) -> str:
+def _one(r: Run, section: str, links: Links | None) -> str:
     rep = r.reports[section]
     figures = rep.get("figures") or {}
     step = r.by_name[section]
@@ -119,15 +122,15 @@ def _one(r: Run, section: str) -> str:
                        if figures.get(k) is not None)
     if counts:
         lines.append(f"<p>Images: {html.escape(counts)}.</p>")
-    lines.append(_table_of_text(f"quality-table-{section}", HEADER, figure_rows(figures)))
+    lines.append(table_of_text(f"quality-table-{section}", HEADER, figure_rows(figures)))
     warnings = figures.get("warnings") or figures.get("warning")
     for warning in [warnings] if isinstance(warnings, str) else warnings or []:
         lines.append(f'<p class="FAILED">{html.escape(str(warning))}</p>')
     outputs, out = rep.get("outputs") or {}, (rep.get("out") or "").rstrip("/")
     lines.append(embedded_png(outputs.get("tsne") or (out and f"{out}/features_tsne.png"), f"tsne-{section}",
-                              "t-SNE of real and synthetic features"))
+                              "t-SNE of real and synthetic features", links))
     lines.append(embedded_png(outputs.get("worst") or (out and f"{out}/worst_fidelity.png"), f"worst-{section}",
-                              "the worst label-fidelity pairs"))
+                              "the worst label-fidelity pairs", links))
     return "\n".join(lines)
 
 
@@ -162,17 +165,18 @@ def side_by_side(r: Run, sections: list[str]) -> str:
                 + [_value(figures[s], "label_fidelity_dice_mean_real") for s in sections])
     return ("<p>The synthetic sets side by side (each against the same real images; lower FID ratio, KID and "
             "shape distance and higher precision, recall, coverage and label fidelity are better):</p>"
-            + _table_of_text("quality-side-by-side", header, rows))
+            + table_of_text("quality-side-by-side", header, rows))
 
 
-def quality_section(r: Run) -> str:
+def quality_section(r: Run, links: Links | None = None) -> str:
     """One block per quality section of the recipe (a note for those that did not run), after a
-    side-by-side table when several sections scored a synthetic set."""
+    side-by-side table when several sections scored a synthetic set; ``links``: image captions link
+    their files."""
     done = [s.section for s in r.steps if s.section in r.reports and is_quality(r, s.section)]
     blocks = [side_by_side(r, done)] if len(done) > 1 else []
     for step in r.steps:
         if step.section in r.reports and is_quality(r, step.section):
-            blocks.append(_one(r, step.section))
+            blocks.append(_one(r, step.section, links))
         elif step.stage == "quality":
             blocks.append(f'<p id="quality-{step.section}">{html.escape(step.section)}: '
                           f'{html.escape(r.status.get(step.section, "not run"))}.</p>')

@@ -4,6 +4,7 @@ everything it started, wait for a job to reach a point (a checkpoint, a finished
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import signal
 import subprocess
@@ -115,3 +116,16 @@ def fingerprint():
     """``fingerprint(dataset, storage=None)``: sample key -> sha256 of its image and mask bytes, read back
     through the project's reader (a key seen twice fails the test)."""
     return _fingerprint
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Headless Chromium on a served folder (``browser.py`` beside this file): ``browser.check(folder, page,
+    ids)``. Debian's chromium is installed once with apt-get when missing and we are root; else a skip."""
+    spec = importlib.util.spec_from_file_location("sonosynth_test_browser", Path(__file__).with_name("browser.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # the tests are imported with --import-mode=importlib: no sys.path entry
+    chromium, why = module.find_chromium()
+    if chromium is None:
+        pytest.skip(why)
+    return module.Browser(chromium)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import csv
 import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -66,6 +67,7 @@ def demo(tmp_path_factory, procs):
     assert not list(out.glob("lora/*/_PIPELINE_DONE.json")), "the LoRA finished before it was killed"
     before = {"real_done": real_done.read_text(), "real_mtime": real_done.stat().st_mtime}
     resumed = procs.cli(command(out), cwd=REPO, timeout=900)
+    before["stderr"] = resumed.stderr
     return out, f"sqlite:///{out / 'mlflow.db'}", resumed.stdout, before
 
 
@@ -74,7 +76,7 @@ def test_a_killed_pipeline_resumes_and_skips_the_finished_stages(demo):
     assert "[1/18] real (ingest): done earlier, skipped" in stdout
     [real_done] = out.glob("real/*/_PIPELINE_DONE.json")
     assert real_done.read_text() == before["real_done"] and real_done.stat().st_mtime == before["real_mtime"]
-    [lora] = [p for p in (out / "lora").iterdir() if p.name != "_replaced"]
+    lora = out / "lora" / lineage(out)["lora"]["key"]  # beside it: _replaced/, logs/
     assert json.loads((lora / "summary.json").read_text())["resumed_from_step"] >= 10
     runs = runs_by_section(uri)
     assert len(runs["real"]) == 1 and len(runs["lora"]) == 1, "one nested run per stage, the resumed one reopened"
@@ -95,6 +97,22 @@ def test_a_killed_pipeline_resumes_and_skips_the_finished_stages(demo):
     # its LoRA followed it: generate --lora models:/sonosynth-lora@champion resolves, naming the promotion
     assert Registry(uri).client.get_model_version_by_alias("sonosynth-lora", "champion").tags[
         "sonosynth.promoted_with"] == "sonosynth-sam/1"
+
+
+def test_the_console_holds_sonosynth_lines_only_and_each_section_names_its_logs(demo):
+    out, _, stdout, facts = demo
+    console = stdout + facts["stderr"]
+    for noise in ("(pid=", "RayTrainWorker", "TrainController", "core_worker", "FutureWarning", "DeepSpeed",
+                  "Token authentication", "mlflow.store", "\r", "\x1b["):
+        assert noise not in console, f"{noise!r} on the console:\n{console[-3000:]}"
+    assert f"    logs: {out}/lora/logs" in stdout
+    assert any(p.name.startswith("RayTrainWorker-") for p in (out / "lora" / "logs").iterdir())
+    assert "Started a local Ray instance" in (out / "lora" / "logs" / "driver.log").read_text()
+    # nothing after the final summary, whose last line names the pipeline's own logs (here: the lease the
+    # killed run left, taken over)
+    assert stdout.rstrip().splitlines()[-2:][0].startswith("MLflow: ")
+    assert stdout.rstrip().splitlines()[-1] == f"logs: {out}/logs"
+    assert "took over the lease" in (out / "logs" / "driver.log").read_text()
 
 
 def test_the_demo_leaves_a_self_contained_report_and_says_where_it_is(demo, read_report):
@@ -128,6 +146,73 @@ def test_the_demo_leaves_a_self_contained_report_and_says_where_it_is(demo, read
     assert promo[1][0] == "dice_mean" and 0 <= float(promo[1][1]) <= 1
     summary = json.loads((out / "pipeline.json").read_text())
     assert summary["status"] == "FINISHED" and summary["tracking"]["run_id"]
+
+
+def test_the_report_says_what_its_figures_mean_and_links_every_stage_output(demo, read_report, browser):
+    out, uri, _, _ = demo
+    found = browser.check(out, "report.html", ids=("scale", "what-figures-mean"))
+    # every image loads, every link is relative and resolves from the folder served as a whole
+    assert len(found["images"]) == 6 and all(i["complete"] and i["width"] > 0 for i in found["images"]), \
+        found["images"]
+    links = found["links"]
+    broken = [link for link in links if not link["same_origin"] or link["status"] != 200]
+    assert links and not broken, broken
+    hrefs = {link["href"] for link in links}
+    assert not [h for h in hrefs if h.startswith("/") or ":" in h], hrefs
+    rows = lineage(out)
+    for section, name in (("synthetic", "samples_grid.png"), ("real", "manifest.parquet"),
+                          ("eval_real", "dice_distribution.png"), ("eval_real", "summary.json"),
+                          ("lora", "summary.json"), ("quality", "features_tsne.png"), ("promote", "decision.json")):
+        assert f"{section}/{rows[section]['key']}/{name}" in hrefs, (section, name)
+    # the first screen, before any table or image: what ran at what scale and what that can support
+    assert found["tables_before"] == {"scale": 0, "what-figures-mean": 0}
+    meaning, scale = found["texts"]["what-figures-mean"], found["texts"]["scale"]
+    assert "Smoke-test scale" in meaning and "box baseline" in meaning and "sonosynth sweep" in meaning
+    for section in ("lora", "sam_real", "sam_synthetic"):
+        steps = json.loads(next((out / section).glob("*/summary.json")).read_text())["steps"]
+        assert f"{section} ({rows[section]['stage']}): {steps} steps" in scale
+    splits = json.loads(next(out.glob("real/*/_PIPELINE_DONE.json")).read_text())["report"]["figures"]["splits"]
+    assert f"real {sum(splits.values())} images (train {splits['train']}" in scale
+
+    page = read_report(out / "report.html")
+    table = page.tables["lineage-table"]
+    columns = table[0]
+    cells = {row[0]: dict(zip(columns, row)) for row in table[1:]}
+    assert not [c for row in table[1:] for c in row if str(out) in c], "paths are relative to OUT"
+    assert cells["eval_real"]["outputs"].startswith(f"per_image=eval_real/{rows['eval_real']['key']}/")
+    assert all(cells[s]["wall time"].endswith(" s") for s, r in rows.items() if r["status"] == "ran")
+    assert re.fullmatch(r"\d+\.\d s \(earlier run\)", cells["real"]["wall time"])  # done before the kill
+    assert cells["lora"]["MLflow run"] == rows["lora"]["mlflow_run"]
+    # every Dice beside its box baseline, its spread over the test images, one run per arm said
+    baseline = page.tables["dice-baseline"]
+    evaluated = [s for s, row in rows.items() if s.startswith("eval_") and not row["status"].startswith("not run")]
+    assert len(baseline) - 1 == len(evaluated)
+    assert all(row[7] and row[9] for row in baseline[1:])
+    assert "single run, no interval" in page.ids["dice-intervals"]
+    champion = Registry(uri).alias("sonosynth-lora", "champion")
+    assert f"sonosynth-lora champion is now version {champion}" in page.ids["promotion-lineage"]
+
+
+def test_generate_draws_with_the_lora_the_promotion_made_champion(demo, procs, tmp_path):
+    out, uri, _, _ = demo
+    samples = tmp_path / "champion-samples"
+    procs.cli(["generate", "generate_tiny", "--lora", "models:/sonosynth-lora@champion", "--num-samples", "4",
+               "--out", str(samples), "--no-progress", "--set", f"tracking.uri={uri}"], cwd=REPO, timeout=600)
+    summary = json.loads((samples / "summary.json").read_text())
+    assert summary["accepted"] == 4 and summary["mode"] == "joint"
+    champion = Registry(uri).alias("sonosynth-lora", "champion")
+    assert lineage(out)["lora"]["model_version"] == f"sonosynth-lora v{champion}"  # the demo's LoRA drew them
+    assert (samples / "samples_grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_report_checker_sees_a_broken_image_and_a_broken_link(browser, tmp_path):
+    (tmp_path / "there.txt").write_text("here")
+    (tmp_path / "page.html").write_text('<p id="x">text</p><img id="gone" src="missing.png">'
+                                        '<a href="there.txt">ok</a><a href="missing.txt">broken</a>')
+    found = browser.check(tmp_path, "page.html", ids=("x",))
+    assert [(i["id"], i["width"]) for i in found["images"]] == [("gone", 0)]
+    assert {link["href"]: link["status"] for link in found["links"]} == {"there.txt": 200, "missing.txt": 404}
+    assert found["texts"]["x"] == "text" and found["tables_before"] == {"x": 0}
 
 
 def test_a_rerun_with_nothing_changed_does_nothing(demo, procs):
