@@ -148,6 +148,7 @@ def configure() -> None:
         if type(handler) is logging.StreamHandler:
             root.removeHandler(handler)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a second bar, MLflow's own
+    os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")  # else its import gives it a console handler
     root.setLevel(logging.INFO)
     root.addHandler(_ConsoleHandler())
     root.addHandler(_DriverLogHandler())

@@ -34,7 +34,7 @@ def _rate(done: float, seconds: float, unit: str) -> str:
 
 
 class Progress:
-    """A bar (``enabled``), or nothing. ``update(n)``, ``set_total(total, done)``, ``set_postfix``."""
+    """A bar (``enabled``), or nothing: ``update(n)``, ``set_postfix(**values)``, ``close()``."""
 
     def __init__(self, total: int | None, desc: str, unit: str = "it", initial: int = 0, enabled: bool = True,
                  stream: Any = None):
@@ -52,15 +52,6 @@ class Progress:
 
             self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, file=self.stream, leave=False,
                             dynamic_ncols=True, mininterval=0.25)
-
-    def set_total(self, total: int, done: int | None = None) -> None:
-        self.total = total
-        if done is not None:
-            self.done = self.start_done = done
-        if self.bar is not None:
-            self.bar.reset(total)
-            self.bar.update(self.done)
-            self.t0 = time.monotonic()
 
     def update(self, n: int = 1) -> None:
         self.done += n
@@ -166,20 +157,19 @@ def remote_progress(desc: str, unit: str = "step", enabled: bool = True, poll_s:
 
     counter = ray.remote(num_cpus=0, max_restarts=0)(StepCounter).remote()
     stop = threading.Event()
-    bar = Progress(None, desc, unit)
+    bars: list[Progress] = []  # drawn once the job says how many steps it has
 
     def follow() -> None:
-        seen_total = None
         while True:
             finishing = stop.is_set()  # one more read after the job ended: its last steps
             try:
                 total, start, done, postfix = ray.get(counter.read.remote(), timeout=10)
             except Exception:  # noqa: BLE001 - the driver's bar must never end the job
-                pass
-            else:
-                if total is not None and total != seen_total:
-                    seen_total = total
-                    bar.set_total(total, start)
+                total = None
+            if total is not None:
+                if not bars:
+                    bars.append(Progress(total, desc, unit, initial=start))
+                bar = bars[0]
                 if done > bar.done:
                     bar.update(done - bar.done)
                 if postfix:
@@ -195,7 +185,8 @@ def remote_progress(desc: str, unit: str = "step", enabled: bool = True, poll_s:
     finally:
         stop.set()
         thread.join(timeout=15)
-        bar.close()
+        for bar in bars:
+            bar.close()
         ray.kill(counter, no_restart=True)
 
 

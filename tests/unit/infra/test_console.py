@@ -70,3 +70,19 @@ def test_an_s3_folder_is_uploaded_when_the_stage_ends(s3_bucket):
         assert not open_storage(where).exists(DRIVER_LOG)  # written here first, uploaded at the end
     assert logs.written == {DRIVER_LOG}
     assert "op built" in open_storage(where).get_text(DRIVER_LOG)
+
+
+def test_mlflow_imported_after_configure_logs_to_the_folder_not_the_console(tmp_path):
+    """MLflow gives itself a console handler when imported: a fresh process, as the CLI is."""
+    import subprocess
+    import sys
+
+    code = (f"from sonosynth.infra.console import configure, logs_to\nconfigure()\n"
+            f"with logs_to({str(tmp_path / 'logs')!r}):\n"
+            f"    from mlflow import MlflowClient\n"
+            f"    MlflowClient('sqlite:///{tmp_path / 'mlflow.db'}').search_experiments()\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={k: v for k, v in __import__("os").environ.items() if not k.startswith("MLFLOW_")})
+    assert done.returncode == 0, done.stderr
+    assert "Creating initial MLflow database tables" not in done.stdout + done.stderr
+    assert "Creating initial MLflow database tables" in (tmp_path / "logs" / DRIVER_LOG).read_text()

@@ -35,8 +35,7 @@ def test_off_a_terminal_a_short_job_prints_one_line(capsys, monkeypatch):
 
 def test_a_resumed_job_counts_from_where_it_was(capsys, monkeypatch):
     monkeypatch.setenv("SONOSYNTH_PROGRESS_INTERVAL_S", "30")
-    with Progress(None, "train-lora", "step", stream=io.StringIO()) as bar:
-        bar.set_total(10, done=6)
+    with Progress(10, "train-lora", "step", initial=6, stream=io.StringIO()) as bar:
         bar.update(4)
     assert capsys.readouterr().out.startswith("    train-lora: 10/10 step (100%) in ")
 
