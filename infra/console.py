@@ -74,15 +74,23 @@ class LogFolder:
         f.flush()
 
     def close(self) -> None:
+        """Closes the files; a remote folder's are uploaded, or kept here with a warning when the
+        store refuses them (logs never fail a stage, nor hide why it failed)."""
         for f in self.files.values():
             f.close()
+        kept = False
         if self.remote and self.files:
             from sonosynth.infra.storage import open_storage
 
-            storage = open_storage(self.where, self.storage_config)
-            for name in self.files:
-                storage.put_file(name, self.local / name)
-        if self.remote:
+            try:
+                storage = open_storage(self.where, self.storage_config)
+                for name in self.files:
+                    storage.put_file(name, self.local / name)
+            except Exception as err:  # noqa: BLE001
+                kept = True
+                logging.getLogger(__name__).warning("could not upload the logs to %s (%s); they are kept in %s",
+                                                    self.where, err, self.local)
+        if self.remote and not kept:
             shutil.rmtree(self.local, ignore_errors=True)
         self.files = {}
 

@@ -86,3 +86,13 @@ def test_mlflow_imported_after_configure_logs_to_the_folder_not_the_console(tmp_
     assert done.returncode == 0, done.stderr
     assert "Creating initial MLflow database tables" not in done.stdout + done.stderr
     assert "Creating initial MLflow database tables" in (tmp_path / "logs" / DRIVER_LOG).read_text()
+
+
+def test_logs_the_store_refuses_are_kept_here_and_the_stage_goes_on(s3_bucket, capsys):
+    configure()
+    where = f"s3://{s3_bucket}-gone/job/logs"  # no such bucket
+    with logs_to(where) as logs:
+        logging.getLogger("ray").warning("worth keeping")
+    err = capsys.readouterr().err
+    assert f"could not upload the logs to {where}" in err
+    assert "worth keeping" in (logs.local / DRIVER_LOG).read_text()
