@@ -104,11 +104,14 @@ class _Router:
         self.stack: list[LogFolder] = []
         self.last: LogFolder | None = None
 
-    def write(self, name: str, text: str) -> None:
+    def write(self, name: str, text: str) -> bool:
+        """False when there is nowhere to write (no stage ran here under ``logs_to``)."""
         with self.lock:
             folder = self.stack[-1] if self.stack else self.last
-            if folder is not None and (self.stack or not folder.remote):
-                folder.write(name, text)
+            if folder is None or not (self.stack or not folder.remote):
+                return False
+            folder.write(name, text)
+            return True
 
 
 _router = _Router()
@@ -190,7 +193,8 @@ _ray_printer = None
 
 def route_ray_output() -> None:
     """Ray's forwarded worker output to the log files (and, with --verbose, to the console too).
-    Call before ``ray.init``: the driver's log thread binds the printer when it starts."""
+    Output that has no folder to go to (a stage run from Python, without ``logs_to``) is printed as
+    Ray prints it. Ray's printing thread looks the printer up on every batch: any time will do."""
     global _ray_printer
     import ray._private.worker as ray_worker
 
@@ -200,9 +204,8 @@ def route_ray_output() -> None:
 
     def print_worker_logs(data: dict[str, Any], print_file: Any, *args: Any, **kwargs: Any) -> None:
         lines = [line for line in data.get("lines", []) if line]
-        if lines:
-            _router.write(_worker_file(data), redact("\n".join(lines)) + "\n")
-        if verbose():
+        filed = bool(lines) and _router.write(_worker_file(data), redact("\n".join(lines)) + "\n")
+        if verbose() or (lines and not filed):  # Python code that runs a stage without logs_to sees Ray's output
             _ray_printer(data, print_file, *args, **kwargs)
 
     ray_worker.print_worker_logs = print_worker_logs

@@ -68,7 +68,9 @@ def test_generate_in_an_80_column_terminal_shows_only_sonosynth_lines_and_one_ba
     bars = [piece for piece in drawn if "%|" in piece or "it/s]" in piece]
     assert bars and all(piece.startswith("generate:") and "sample" in piece for piece in bars), bars
     assert all(len(piece) <= 80 for piece in bars), max(bars, key=len)  # redrawn in place, never wrapped
-    lines = [piece for piece in output.replace("\r\n", "\n").split("\n") if ANSI.sub("", piece).strip()]
+    # a line as it stays on the screen: what follows its last carriage return (a cleared bar before it)
+    lines = [ANSI.sub("", piece).split("\r")[-1] for piece in output.replace("\r\n", "\n").split("\n")]
+    lines = [line for line in lines if line.strip()]
     assert lines[-1].strip() == f"logs: {out}/logs", lines[-4:]  # nothing after the summary
     assert any(line.startswith("generated 8/8 samples") for line in lines)
     assert "Started a local Ray instance" in (out / "logs" / "driver.log").read_text()

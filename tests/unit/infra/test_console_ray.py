@@ -96,3 +96,23 @@ def test_remote_steps_feed_the_drivers_bar_which_ends_with_the_job(ray_here, cap
 def test_without_a_bar_no_counter_is_made(ray_here):
     with remote_progress("train-toy", enabled=False) as counter:
         assert counter is None
+
+
+def test_without_a_logs_folder_ray_output_is_printed_as_ray_prints_it(ray_here, capfd, monkeypatch):
+    """A stage run from Python (no ``logs_to``) keeps Ray's usual console output."""
+    from sonosynth.infra import console
+
+    ray = ray_here
+    monkeypatch.setattr(console._router, "last", None)
+
+    @ray.remote
+    def speak() -> None:
+        print("a line with nowhere else to go", flush=True)
+
+    ray.get(speak.remote())
+    seen, deadline = "", time.monotonic() + 30
+    while "a line with nowhere else to go" not in seen and time.monotonic() < deadline:
+        time.sleep(0.2)
+        captured = capfd.readouterr()
+        seen += captured.out + captured.err
+    assert "a line with nowhere else to go" in seen
