@@ -105,12 +105,14 @@ class _Router:
         self.last: LogFolder | None = None
 
     def write(self, name: str, text: str) -> bool:
-        """False when there is nowhere to write (no stage ran here under ``logs_to``)."""
+        """False when no stage ran here under ``logs_to``. A line that arrives after its stage ended
+        goes to that stage's folder, or, when that folder was uploaded already, nowhere."""
         with self.lock:
             folder = self.stack[-1] if self.stack else self.last
-            if folder is None or not (self.stack or not folder.remote):
+            if folder is None:
                 return False
-            folder.write(name, text)
+            if self.stack or not folder.remote:
+                folder.write(name, text)
             return True
 
 
